@@ -1,0 +1,62 @@
+"""Shared fixtures: offline Hugging Face, one lazy local Ray per session, the toy models.
+
+DESIGN.md §7: one Ray instance for the whole session (started only by tests that need it),
+fractional CPUs, every test leaves all CPUs free again.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+# Nothing in the suite may reach the hub; set before transformers is imported anywhere.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+import pytest  # noqa: E402
+
+RAY_CPUS = 2
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """The session's one local Ray, started on first use and shut down at the end."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=RAY_CPUS, include_dashboard=False, log_to_driver=True)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def ray_local(ray_session):
+    """Ray for one test; afterwards every CPU must be free again (no leaked actors)."""
+    yield ray_session
+    deadline = time.monotonic() + 20
+    while True:
+        free = ray_session.available_resources().get("CPU", 0.0)
+        if free >= RAY_CPUS - 1e-6:
+            break
+        if time.monotonic() > deadline:
+            pytest.fail(f"test left Ray CPUs in use: {free} of {RAY_CPUS} free after 20 s")
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def toy_gpt2():
+    """The toy GPT-2 (built once, then reused from the cache dir)."""
+    from clt_ray.toy import build_toy_model
+
+    return build_toy_model("gpt2")
+
+
+@pytest.fixture(scope="session")
+def toy_llama():
+    """The toy Llama (built once, then reused from the cache dir)."""
+    from clt_ray.toy import build_toy_model
+
+    return build_toy_model("llama")
