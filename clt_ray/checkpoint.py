@@ -1,0 +1,383 @@
+"""Shard-independent checkpoints (DESIGN.md §3): any feature range of a CLT loads from any of them.
+
+Layout of one checkpoint folder (written under a temporary name, fsynced, then renamed):
+
+    manifest.json                 format + version, step, total steps, tokens, the CLT config, the
+                                  run config, data cursor, shapes, schedules at save time, files
+    W_enc_{l}.safetensors         W_enc_{l} [F, d], b_enc_{l} [F], log_threshold_{l} [F] (JumpReLU),
+                                  b_dec_{l} [d]                       (circuit-tracer's grouping)
+    W_dec_{l}.safetensors         W_dec_{l} [F, L−l, d]
+    norm.safetensors              s_in [L], s_out [L] (normalisation scales, not folded in)
+    optimizer/W_enc_{l}.safetensors, optimizer/W_dec_{l}.safetensors
+                                  Adam moments in the same layout: <key>.exp_avg, <key>.exp_avg_sq
+    state.safetensors             tokens_since_fired_{l} [F] int64 (dead-feature counters),
+                                  RNG states as uint8 tensors (rng.torch, rng.cuda.{i})
+
+Weights are stored as trained (normalised space); export folds the scales in. Every per-feature
+tensor has features on dim 0, so `load_checkpoint(path, start, stop)` reads rows [start, stop) of
+each (safetensors slices: only those bytes are read) — a Ray trainer reslices a checkpoint for any
+shard count. A run folder keeps its checkpoints in `checkpoints/step_<step>`; `resolve_checkpoint`
+turns a run folder into its latest complete checkpoint. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from clt_ray.clt import CLTConfig, CrossLayerTranscoder
+from clt_ray.config import CltRayError, parse_config
+from clt_ray.fsutil import atomic_dir
+
+FORMAT = "clt-ray-checkpoint"
+VERSION = 1
+MANIFEST = "manifest.json"
+CHECKPOINTS = "checkpoints"
+MOMENTS = ("exp_avg", "exp_avg_sq")
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(CltRayError):
+    """A checkpoint that is missing, incomplete or of another format."""
+
+
+@dataclass
+class TrainingState:
+    """Everything besides the weights that an exact resume needs (features: the held range)."""
+
+    step: int = 0
+    """Updates done so far (the next update is made at this 0-based step)."""
+    total_steps: int | None = None
+    """The run's length: schedules are fractions of it."""
+    tokens: int = 0
+    data: dict[str, Any] | None = None
+    """The activation source's cursor (`ActivationSource.state()`)."""
+    tokens_since_fired: Tensor | None = None
+    """[L, F_local] int64: training tokens since each feature last fired (dead-feature counters)."""
+    rng: dict[str, Tensor] = field(default_factory=dict)
+    """RNG states as uint8 tensors: "torch" (CPU), "cuda.{i}"."""
+    adam_step: float | None = None
+    moments: dict[str, dict[str, Tensor]] | None = None
+    """Adam moments by parameter name ("W_enc", "W_dec.3", …): {"exp_avg": …, "exp_avg_sq": …}."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """JSON-able notes (schedules at save time, last metrics)."""
+
+
+class LoadedCheckpoint(NamedTuple):
+    model: CrossLayerTranscoder
+    state: TrainingState
+    manifest: dict[str, Any]
+
+    @property
+    def path(self) -> Path:
+        return Path(self.manifest["path"])
+
+    @property
+    def config(self) -> Any:
+        """The run's `config.Config`, or None when the checkpoint was saved without one."""
+        raw = self.manifest.get("config")
+        return None if raw is None else parse_config(raw, source=f"{self.path}/{MANIFEST}")
+
+
+# --- RNG ---------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict[str, Tensor]:
+    """torch's global RNG states (CPU and every CUDA device) as uint8 tensors."""
+    states = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            states[f"cuda.{i}"] = s
+    return states
+
+
+def set_rng_state(states: dict[str, Tensor]) -> None:
+    if "torch" in states:
+        torch.set_rng_state(states["torch"].cpu())
+    for key, s in states.items():
+        if key.startswith("cuda.") and torch.cuda.is_available():
+            torch.cuda.set_rng_state(s.cpu(), int(key.split(".")[1]))
+
+
+# --- optimizer ---------------------------------------------------------------------------------
+
+
+def adam_moments(model: CrossLayerTranscoder, optimizer: torch.optim.Optimizer
+                 ) -> tuple[float | None, dict[str, dict[str, Tensor]] | None]:
+    """(step, moments by parameter name) of a torch Adam over `model`; (None, None) before its
+    first step."""
+    steps, moments = set(), {}
+    for name, p in model.named_parameters():
+        st = optimizer.state.get(p)
+        if not st:
+            continue
+        steps.add(float(st["step"]))
+        moments[name] = {m: st[m] for m in MOMENTS}
+    if not moments:
+        return None, None
+    if len(moments) != len(list(model.parameters())) or len(steps) != 1:
+        raise ValueError("optimizer state is partial or its steps differ between parameters")
+    return steps.pop(), moments
+
+
+@torch.no_grad()
+def load_adam_moments(optimizer: torch.optim.Optimizer, model: CrossLayerTranscoder,
+                      step: float, moments: dict[str, dict[str, Tensor]]) -> None:
+    """Put saved moments into a freshly built torch Adam over `model` (same parameter names)."""
+    for group in optimizer.param_groups:
+        on_device = group.get("fused") or group.get("capturable")
+        for p in group["params"]:
+            name = next(n for n, q in model.named_parameters() if q is p)
+            saved = moments[name]
+            optimizer.state[p] = {
+                "step": torch.tensor(step, dtype=torch.float32,
+                                     device=p.device if on_device else "cpu"),
+                **{m: saved[m].to(device=p.device, dtype=p.dtype).clone() for m in MOMENTS},
+            }
+
+
+# --- layout ------------------------------------------------------------------------------------
+
+
+def _per_layer(named: dict[str, Tensor], n_layers: int, suffix: str = "") -> dict[str, dict]:
+    """Model-layout tensors ("W_enc" [L, F, d], "W_dec.l", …) → {file stem: {key: tensor}}."""
+    files: dict[str, dict[str, Tensor]] = defaultdict(dict)
+    for l in range(n_layers):
+        for name in ("W_enc", "b_enc", "log_threshold", "b_dec"):
+            if name in named:
+                files[f"W_enc_{l}"][f"{name}_{l}{suffix}"] = named[name][l]
+        files[f"W_dec_{l}"][f"W_dec_{l}{suffix}"] = named[f"W_dec.{l}"]
+    return files
+
+
+def _save(path: Path, tensors: dict[str, Tensor]) -> None:
+    # clone: slices of one parameter share storage, which safetensors refuses
+    save_file({k: v.detach().contiguous().cpu().clone() for k, v in tensors.items()}, str(path))
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(dirpath, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    model: CrossLayerTranscoder,
+    optimizer: torch.optim.Optimizer | None = None,
+    state: TrainingState | None = None,
+    config: Any = None,
+) -> Path:
+    """Write a checkpoint of a whole CLT (and optionally its Adam, training state and run config)
+    to `path`, atomically: a crash or error leaves either the old folder or the new one."""
+    if not model.is_whole:
+        raise ValueError("save_checkpoint takes the whole CLT; gather the shards first")
+    path, state = Path(path), state or TrainingState()
+    L = model.cfg.n_layers
+    params = {n: p for n, p in model.named_parameters()}
+    files = _per_layer(params, L)
+    adam_step, moments = (adam_moments(model, optimizer) if optimizer is not None
+                          else (state.adam_step, state.moments))
+    extra_state: dict[str, Tensor] = {f"rng.{k}": v for k, v in state.rng.items()}
+    if state.tokens_since_fired is not None:
+        extra_state.update({f"tokens_since_fired_{l}": state.tokens_since_fired[l]
+                            for l in range(L)})
+    with atomic_dir(path) as tmp:
+        for stem, tensors in files.items():
+            _save(tmp / f"{stem}.safetensors", tensors)
+        _save(tmp / "norm.safetensors", {"s_in": model.s_in, "s_out": model.s_out})
+        if moments is not None:
+            (tmp / "optimizer").mkdir()
+            for stem in files:
+                merged = {}
+                for m in MOMENTS:
+                    named = {n: mo[m] for n, mo in moments.items()}
+                    merged.update(_per_layer(named, L, f".{m}")[stem])
+                _save(tmp / "optimizer" / f"{stem}.safetensors", merged)
+        if extra_state:
+            _save(tmp / "state.safetensors", extra_state)
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "step": state.step,
+            "total_steps": state.total_steps,
+            "tokens": state.tokens,
+            "clt": model.cfg.model_dump(mode="json"),
+            "config": None if config is None else config.model_dump(mode="json"),
+            "data": state.data,
+            "optimizer": None if moments is None else {"type": "adam", "step": adam_step},
+            "shapes": {k: list(v.shape) for t in files.values() for k, v in t.items()},
+            "files": sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*.safetensors")),
+            "extra": state.extra,
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        _fsync_tree(tmp)
+    return path
+
+
+# --- finding checkpoints -----------------------------------------------------------------------
+
+
+def checkpoint_path(run_dir: str | os.PathLike[str], step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS / f"step_{step:09d}"
+
+
+def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[Path]:
+    """A run folder's complete checkpoints (those with a manifest), oldest first."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := _STEP_DIR.match(p.name)) and (p / MANIFEST).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
+    """A checkpoint folder as is, or a run folder's latest checkpoint."""
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        return path
+    found = list_checkpoints(path)
+    if found:
+        return found[-1]
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist")
+    raise CheckpointError(f"{path} is neither a checkpoint (no {MANIFEST}) nor a run folder "
+                          f"with complete checkpoints under {CHECKPOINTS}/")
+
+
+def prune_checkpoints(run_dir: str | os.PathLike[str], keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints (and stale temporary folders)."""
+    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
+    path = resolve_checkpoint(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}/{MANIFEST}: unreadable ({exc})") from None
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a clt-ray checkpoint (format {manifest.get('format')!r})")
+    if manifest.get("version") != VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {manifest.get('version')} is not "
+                              f"supported (this clt-ray reads version {VERSION})")
+    manifest["path"] = str(path)
+    return manifest
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+
+class _Uninitialised(CrossLayerTranscoder):
+    def reset_parameters(self) -> None:  # the weights are about to be overwritten
+        pass
+
+
+class _Reader:
+    """Reads keys of a checkpoint's safetensors files, features [start, stop) of per-feature ones."""
+
+    def __init__(self, root: Path, start: int, stop: int) -> None:
+        self.root, self.start, self.stop = root, start, stop
+        self._open: dict[str, Any] = {}
+
+    def get(self, file: str, key: str, rows: bool = True) -> Tensor:
+        if file not in self._open:
+            path = self.root / file
+            if not path.is_file():
+                raise CheckpointError(f"{self.root}: missing {file}")
+            self._open[file] = safe_open(str(path), framework="pt", device="cpu")
+        f = self._open[file]
+        if key not in f.keys():  # noqa: SIM118 - safe_open is not a dict
+            raise CheckpointError(f"{self.root}/{file}: missing tensor {key}")
+        return f.get_slice(key)[self.start : self.stop] if rows else f.get_tensor(key)
+
+    def model_layout(self, prefix: str, n_layers: int, jumprelu: bool, suffix: str = ""
+                     ) -> dict[str, Tensor]:
+        """The per-layer tensors of one file family as model-layout tensors by parameter name."""
+        out: dict[str, Tensor] = {}
+        names = ["W_enc", "b_enc"] + (["log_threshold"] if jumprelu else [])
+        for name in names:
+            out[name] = torch.stack([self.get(f"{prefix}W_enc_{l}.safetensors",
+                                              f"{name}_{l}{suffix}") for l in range(n_layers)])
+        out["b_dec"] = torch.stack([self.get(f"{prefix}W_enc_{l}.safetensors",
+                                             f"b_dec_{l}{suffix}", rows=False)
+                                    for l in range(n_layers)])
+        for l in range(n_layers):
+            out[f"W_dec.{l}"] = self.get(f"{prefix}W_dec_{l}.safetensors", f"W_dec_{l}{suffix}")
+        return out
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    start: int = 0,
+    stop: int | None = None,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    optimizer: bool = False,
+) -> LoadedCheckpoint:
+    """(model, training state, manifest) from a checkpoint folder or a run folder (its latest).
+
+    `start`/`stop` pick the feature range [start, stop) of every layer (default: the whole CLT);
+    dead-feature counters and (with optimizer=True) Adam moments come for the same range."""
+    manifest = read_manifest(path)
+    root = Path(manifest["path"])
+    cfg = CLTConfig.model_validate(manifest["clt"])
+    stop = cfg.n_features if stop is None else stop
+    if not 0 <= start < stop <= cfg.n_features:
+        raise ValueError(f"feature range [{start}, {stop}) is not inside [0, {cfg.n_features})")
+    L, jumprelu = cfg.n_layers, cfg.activation == "jumprelu"
+    reader = _Reader(root, start, stop)
+
+    model = _Uninitialised(cfg, start, stop, device=device, dtype=dtype)
+    model.__class__ = CrossLayerTranscoder
+    with torch.no_grad():
+        for name, t in reader.model_layout("", L, jumprelu).items():
+            model.get_parameter(name).copy_(t)
+        model.s_in.copy_(reader.get("norm.safetensors", "s_in", rows=False))
+        model.s_out.copy_(reader.get("norm.safetensors", "s_out", rows=False))
+
+    state = TrainingState(step=manifest["step"], total_steps=manifest.get("total_steps"),
+                          tokens=manifest.get("tokens", 0), data=manifest.get("data"),
+                          extra=manifest.get("extra") or {})
+    if (root / "state.safetensors").is_file():
+        with safe_open(str(root / "state.safetensors"), framework="pt", device="cpu") as f:
+            keys = set(f.keys())
+            state.rng = {k[4:]: f.get_tensor(k) for k in keys if k.startswith("rng.")}
+        if "tokens_since_fired_0" in keys:
+            state.tokens_since_fired = torch.stack(
+                [reader.get("state.safetensors", f"tokens_since_fired_{l}") for l in range(L)])
+    if optimizer:
+        if manifest.get("optimizer") is None:
+            raise CheckpointError(f"{root}: saved without optimizer state")
+        state.adam_step = float(manifest["optimizer"]["step"])
+        moments: dict[str, dict[str, Tensor]] = defaultdict(dict)
+        for m in MOMENTS:
+            for name, t in reader.model_layout("optimizer/", L, jumprelu, f".{m}").items():
+                moments[name][m] = t.to(device)
+        state.moments = dict(moments)
+    return LoadedCheckpoint(model, state, manifest)

@@ -1,0 +1,245 @@
+"""`clt-ray`: the command line. Each pipeline stage adds its subcommand here."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from clt_ray.config import CltRayError
+
+ARCHS = ("gpt2", "llama")
+
+
+def _format_scores(scores: dict) -> str:
+    rows = []
+    for name, value in scores.items():
+        if isinstance(value, dict):
+            inner = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                              for k, v in value.items())
+            rows.append(f"    {name:<14} {inner}")
+        elif isinstance(value, float):
+            rows.append(f"    {name:<14} {value:.3f}")
+        else:
+            rows.append(f"    {name:<14} {value}")
+    return "\n".join(rows)
+
+
+def _report_toy(model) -> None:
+    how = "built" if model.built else "reused from cache"
+    click.echo(f"toy {model.arch}: {how}\n  path: {model.path}\n  weights sha256: {model.weights_hash}")
+    click.echo("  held-out mechanism scores:")
+    click.echo(_format_scores(model.scores))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="clt-ray")
+def cli() -> None:
+    """clt-ray: cross-layer transcoders at scale on Ray.
+
+    cache -> train -> auto-interp / attribution graphs -> view. Configs are YAML (see examples/).
+    """
+
+
+@cli.group()
+def toy() -> None:
+    """The offline toy language-model world (the demo default and the tests' ground truth)."""
+
+
+@toy.command("build")
+@click.option("--arch", type=click.Choice(ARCHS + ("all",)), default="all", show_default=True)
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Overrides $CLT_RAY_CACHE (default ~/.cache/clt-ray).")
+def toy_build(arch: str, cache_dir: Path | None) -> None:
+    """Build (or reuse) the toy models and print where they are and what they learned."""
+    from clt_ray.toy import build_toy_model
+
+    for a in ARCHS if arch == "all" else (arch,):
+        _report_toy(build_toy_model(a, cache_dir=cache_dir))
+
+
+@cli.command()
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Overrides $CLT_RAY_CACHE (default ~/.cache/clt-ray).")
+@click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("runs/demo-gpt2"), show_default=True,
+              help="Where the demo CLT run goes (replaced on every demo).")
+def demo(cache_dir: Path | None, run_dir: Path) -> None:
+    """Run the pipeline on the toy world: build (or reuse) the toy models and score them, then
+    train a CLT on the toy GPT-2 with examples/toy.yaml's settings and report held-out EV, L0,
+    dead features and the CE/KL change when it replaces the MLPs."""
+    from clt_ray.config import toy_config
+    from clt_ray.toy import build_toy_model
+    from clt_ray.training import format_metrics, train_from_config
+
+    start = time.monotonic()
+    if cache_dir is not None:
+        os.environ["CLT_RAY_CACHE"] = str(cache_dir)
+    for arch in ARCHS:
+        _report_toy(build_toy_model(arch, cache_dir=cache_dir))
+    _clear_demo_run(run_dir)
+    click.echo(f"\ntraining a CLT on toy:gpt2 (examples/toy.yaml settings)\n  run dir: {run_dir}")
+    cfg = toy_config("gpt2")
+    result = train_from_config(cfg, run_dir, log=click.echo)
+    click.echo(f"CLT after {result.step} steps ({result.seconds:.0f} s), held-out:")
+    click.echo(format_metrics(result.metrics, cfg.train.dead_after_tokens))
+    click.echo(f"  checkpoint: {result.checkpoint}")
+    click.echo(f"demo finished in {time.monotonic() - start:.0f} s")
+
+
+def _clear_demo_run(run_dir: Path) -> None:
+    """Remove a previous demo run (only a folder that looks like a clt-ray run)."""
+    import shutil
+
+    if not run_dir.exists():
+        return
+    names = {p.name for p in run_dir.iterdir()}
+    if not names <= {"config.yaml", "metrics.jsonl", "checkpoints", "summary.json", "tensorboard"}:
+        raise CltRayError(f"{run_dir} holds files that are not a clt-ray run; pass another "
+                          "--run-dir")
+    shutil.rmtree(run_dir)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _newest_run(config_path: Path) -> Path:
+    runs = sorted(Path("runs").glob(f"{config_path.stem}-*"), key=lambda p: p.stat().st_mtime)
+    if not runs:
+        raise CltRayError(f"--resume: no runs/{config_path.stem}-* run to resume; pass --run-dir")
+    return runs[-1]
+
+
+@cli.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="Run config (YAML, see examples/). With --resume it is optional "
+              "(the run's own config.yaml is used) and must match the run's if given.")
+@click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Default: runs/<config name>-<date>-<time>; with --resume: the newest "
+              "runs/<config name>-*.")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="Override train.steps (the run's total steps; schedules stretch to it).")
+@click.option("--resume", is_flag=True,
+              help="Continue the run folder's latest checkpoint exactly where it stopped.")
+def train(config_path: Path | None, run_dir: Path | None, steps: int | None,
+          resume: bool) -> None:
+    """Train a CLT in this process (Ctrl-C: finish the step, checkpoint, stop; --resume goes on).
+
+    Writes run_dir/config.yaml, metrics.jsonl (every train.log_every steps and every eval),
+    checkpoints/step_<n>/ and summary.json, then prints the held-out EV, L0 and dead features."""
+    from clt_ray.config import ConfigError, load_config
+    from clt_ray.training import format_metrics, train_from_config
+
+    if config_path is None and not (resume and run_dir is not None):
+        raise click.UsageError("--config is required (or --resume with --run-dir)")
+    cfg = load_config(config_path) if config_path is not None else None
+    if run_dir is None:
+        assert config_path is not None
+        run_dir = (_newest_run(config_path) if resume else
+                   Path("runs") / f"{config_path.stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if resume:
+        saved = load_config(run_dir / "config.yaml")
+        if cfg is not None:
+            a, b = _flat(cfg.model_dump(mode="json")), _flat(saved.model_dump(mode="json"))
+            diff = sorted(k for k in a.keys() | b.keys()
+                          if a.get(k) != b.get(k) and k != "train.steps")
+            if diff:
+                raise ConfigError(f"{config_path} differs from the run's config "
+                                  f"{run_dir / 'config.yaml'} in: {', '.join(diff)}")
+        cfg = saved
+    assert cfg is not None
+    if steps is not None:
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": steps})})
+    if cfg.cache_dir is not None:
+        os.environ["CLT_RAY_CACHE"] = str(cfg.cache_dir)
+    click.echo(f"run dir: {run_dir}")
+    result = train_from_config(cfg, run_dir, resume=resume, log=click.echo)
+    click.echo(f"{'stopped' if result.step < cfg.train.steps else 'finished'} at step "
+               f"{result.step} of {cfg.train.steps} in {result.seconds:.0f} s; held-out:")
+    click.echo(format_metrics(result.metrics, cfg.train.dead_after_tokens))
+    click.echo(f"  checkpoint: {result.checkpoint}\n  run dir: {run_dir}")
+
+
+@cli.command("eval")
+@click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
+@click.option("--batches", type=click.IntRange(min=1), default=None,
+              help="Evaluate at most this many batches of held-out windows.")
+@click.option("--tokens", type=click.IntRange(min=1), default=None,
+              help="Held-out tokens to draw (default: the run config's data.heldout_tokens).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Windows per forward pass (default: data.lm_batch_size).")
+@click.option("--device", default=None, help="Device for the model and the CLT (default: the "
+              "run config's model.device).")
+@click.option("--no-splice", is_flag=True, help="Skip the CE/KL splice passes.")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+def eval_command(checkpoint: Path, batches: int | None, tokens: int | None,
+                 batch_size: int | None, device: str | None, no_splice: bool,
+                 as_json: bool) -> None:
+    """Evaluate a checkpoint (or a run folder's latest) on held-out data of its run's corpus.
+
+    Per layer: explained variance, normalised MSE, L0, dead features; and the CE / KL change when
+    the CLT replaces every MLP output in the model's forward pass (BOS not spliced), with the
+    zero-ablation CE as reference. Definitions: clt_ray/metrics.py."""
+    import json
+
+    from clt_ray.metrics import evaluate_checkpoint, format_report
+
+    result = evaluate_checkpoint(str(checkpoint), batches=batches, tokens=tokens,
+                                 batch_size=batch_size, device=device, splice=not no_splice)
+    click.echo(json.dumps(result, indent=1) if as_json else format_report(result))
+
+
+@cli.command("export")
+@click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--model-name", default=None, help="Model circuit-tracer should load (default: "
+              "the run config's model; toy and local models as absolute paths).")
+@click.option("--scan", default=None, help="Feature-dashboard scan name (default: ./<OUT name>, "
+              "read offline by circuit-tracer's frontend).")
+@click.option("--calibration-tokens", type=click.IntRange(min=1), default=None,
+              help="TopK/BatchTopK only: held-out tokens to set the JumpReLU thresholds on "
+              "(default: data.heldout_tokens).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
+              show_default=True, help="Dtype of the stored tensors.")
+def export_command(checkpoint: Path, out: Path, model_name: str | None, scan: str | None,
+                   calibration_tokens: int | None, dtype: str) -> None:
+    """Write a checkpoint as a circuit-tracer CLT folder (normalisation folded into the weights).
+
+    TopK/BatchTopK CLTs are converted to JumpReLU (thresholds set on held-out activations so L0
+    per layer is kept); circuit-tracer loads the folder with load_clt(OUT, dtype=torch.float32)."""
+    from clt_ray.export import export_checkpoint, read_export_config
+    from clt_ray.models.loading import to_dtype
+
+    path = export_checkpoint(checkpoint, out, model_name=model_name, scan=scan,
+                             calibration_tokens=calibration_tokens, dtype=to_dtype(dtype))
+    cfg = read_export_config(path)
+    click.echo(f"exported {cfg['clt_ray']['activation']} CLT "
+               f"({cfg['clt_ray']['n_layers']} layers × {cfg['clt_ray']['n_features']} features) "
+               f"to {path}\n  model_name: {cfg['model_name']}\n  scan: {cfg['scan']}")
+
+
+def main() -> None:
+    """Entry point: user errors print one line (set CLT_RAY_DEBUG=1 for the traceback)."""
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except CltRayError as exc:
+        if os.environ.get("CLT_RAY_DEBUG"):
+            raise
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(2)

@@ -1,0 +1,193 @@
+"""Export a CLT to circuit-tracer's on-disk format (DESIGN.md §5).
+
+Layout of the folder (what `circuit_tracer.transcoder.cross_layer_transcoder.load_clt` reads):
+
+    W_enc_{l}.safetensors   W_enc_{l} [F, d], b_enc_{l} [F], b_dec_{l} [d], threshold_{l} [F]
+                            (threshold only for JumpReLU; without it circuit-tracer uses ReLU)
+    W_dec_{l}.safetensors   W_dec_{l} [F, L−l, d]
+    config.yaml             model_kind: cross_layer_transcoder, feature_input_hook,
+                            feature_output_hook, model_name, scan (+ a `clt_ray` block of notes,
+                            which circuit-tracer ignores)
+
+Weights are in raw model space: the normalisation scales are folded in (`CrossLayerTranscoder.
+folded_weights`), so circuit-tracer's encode/decode on raw activations equal ours. circuit-tracer
+stores only ReLU and JumpReLU: a TopK/BatchTopK CLT is exported after conversion to JumpReLU
+(`CrossLayerTranscoder.to_jumprelu`, one θ per layer calibrated so L0 is kept) from calibration
+activations, or refused. The folder is written under a temporary name and renamed, so a failed
+export never leaves a partial folder (an existing one is replaced only on success).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import save_file
+from torch import Tensor
+
+from clt_ray.clt import CrossLayerTranscoder
+from clt_ray.config import HOOK_PAIRS, CltRayError
+from clt_ray.fsutil import atomic_dir
+
+MODEL_KIND = "cross_layer_transcoder"
+CONFIG_FILE = "config.yaml"
+EXPORTABLE = ("jumprelu", "relu")
+
+
+class ExportError(CltRayError, ValueError):
+    """A CLT that cannot be exported as asked."""
+
+
+def _check_hooks(input_hook: str, output_hook: str | None) -> str:
+    if input_hook not in HOOK_PAIRS:
+        raise ExportError(f"unknown input hook {input_hook!r} (supported: {', '.join(HOOK_PAIRS)})")
+    expected = HOOK_PAIRS[input_hook]
+    if output_hook is None:
+        return expected
+    if output_hook != expected:
+        raise ExportError(f"hooks {input_hook} -> {output_hook} are not a supported pair "
+                          f"(expected {input_hook} -> {expected})")
+    return output_hook
+
+
+def default_scan(out_dir: str | os.PathLike[str]) -> str:
+    """`./<folder name>`: circuit-tracer's bundled frontend then reads feature dashboards from
+    `features/<scan>/<index>.json` of its data folder instead of fetching them from the web."""
+    return f"./{Path(out_dir).name}"
+
+
+def as_jumprelu(clt: CrossLayerTranscoder, calibration: Tensor) -> CrossLayerTranscoder:
+    """A JumpReLU copy of a TopK/BatchTopK CLT, θ per layer set on raw calibration input
+    activations [N, L, d] (`to_jumprelu`: L0 per layer kept on that data); `clt` is unchanged."""
+    converted = copy.deepcopy(clt)
+    xn, _ = converted.normalize(calibration.to(clt.b_dec.device))
+    converted.to_jumprelu(xn.detach())
+    return converted
+
+
+def export_clt(
+    model: CrossLayerTranscoder,
+    out_dir: str | os.PathLike[str],
+    model_name: str,
+    input_hook: str = "hook_resid_mid",
+    output_hook: str | None = None,
+    scan: str | None = None,
+    *,
+    calibration: Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write `model` (the whole CLT) as a circuit-tracer CLT folder at out_dir; returns the path.
+
+    model_name: what circuit-tracer should load the LM from (a hub name or a local folder path).
+    output_hook defaults to the partner of input_hook. scan defaults to `default_scan(out_dir)`.
+    TopK/BatchTopK CLTs need `calibration` (raw input activations [N, L, d], e.g. held-out) to be
+    converted to JumpReLU; without it they are refused. dtype: of the stored tensors.
+    extra: JSON-able notes added to config.yaml's `clt_ray` block.
+    """
+    output_hook = _check_hooks(input_hook, output_hook)
+    if not model.is_whole:
+        raise ExportError(f"export needs the whole CLT, got the feature shard "
+                          f"[{model.start}, {model.stop}) of {model.cfg.n_features}")
+    if not model_name or not str(model_name).strip():
+        raise ExportError("model_name is empty: give the hub name or local folder of the model")
+    source_activation, source_k = model.cfg.activation, model.cfg.k
+    if source_activation not in EXPORTABLE:
+        if calibration is None:
+            raise ExportError(
+                f"circuit-tracer stores only ReLU and JumpReLU CLTs; this one is "
+                f"{source_activation} (k={model.cfg.k}). Convert it to JumpReLU first "
+                "(CrossLayerTranscoder.to_jumprelu on calibration activations, which keeps L0 per "
+                "layer), or pass calibration=<raw input activations [N, L, d]> to export_clt")
+        model = as_jumprelu(model, calibration)
+
+    out_dir = Path(out_dir)
+    L = model.cfg.n_layers
+    config = {
+        "model_kind": MODEL_KIND,
+        "feature_input_hook": input_hook,
+        "feature_output_hook": output_hook,
+        "model_name": str(model_name),
+        "scan": default_scan(out_dir) if scan is None else scan,
+        "clt_ray": {
+            "n_layers": L,
+            "d_model": model.cfg.d_model,
+            "n_features": model.cfg.n_features,
+            "activation": model.cfg.activation,
+            "converted_from": None if source_activation in EXPORTABLE else
+            {"activation": source_activation, "k": source_k},
+            "normalisation_folded": True,
+            **(extra or {}),
+        },
+    }
+
+    def store(t: Tensor) -> Tensor:  # own storage: safetensors refuses shared/non-contiguous
+        return t.detach().to(device="cpu", dtype=dtype).contiguous().clone()
+
+    with atomic_dir(out_dir) as tmp:
+        for l in range(L):  # one layer folded at a time: memory ≈ the model + one layer
+            weights = model.folded_weights([l])
+            enc = {f"{k}_{l}": store(weights[f"{k}_{l}"])
+                   for k in ("W_enc", "b_enc", "b_dec", "threshold") if f"{k}_{l}" in weights}
+            save_file(enc, str(tmp / f"W_enc_{l}.safetensors"))
+            save_file({f"W_dec_{l}": store(weights[f"W_dec_{l}"])},
+                      str(tmp / f"W_dec_{l}.safetensors"))
+        (tmp / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
+    return out_dir
+
+
+def read_export_config(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """config.yaml of an exported folder."""
+    return yaml.safe_load((Path(out_dir) / CONFIG_FILE).read_text())
+
+
+def export_checkpoint(
+    checkpoint: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    model_name: str | None = None,
+    scan: str | None = None,
+    calibration_tokens: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Export a checkpoint (or a run folder's latest) with the hooks and model of its run config.
+
+    model_name defaults to the config's model: toy models and local folders become their absolute
+    path (what circuit-tracer can load), hub names stay names. A TopK/BatchTopK CLT is converted to
+    JumpReLU on the input activations of `calibration_tokens` held-out tokens of its run's corpus
+    (default data.heldout_tokens), which needs the LM."""
+    from clt_ray.checkpoint import CheckpointError, load_checkpoint
+    from clt_ray.models.loading import resolve_model_path
+
+    loaded = load_checkpoint(checkpoint)
+    cfg, clt = loaded.config, loaded.model
+    if cfg is None and model_name is None:
+        raise CheckpointError(f"{loaded.path}: saved without its run config; pass the model name")
+    input_hook = cfg.model.input_hook if cfg is not None else "hook_resid_mid"
+    if model_name is None:
+        path = resolve_model_path(cfg.model.name)
+        model_name = str(Path(path).resolve()) if Path(path).exists() else path
+    calibration = None
+    if clt.cfg.activation not in EXPORTABLE:
+        if cfg is None:
+            raise ExportError(f"{clt.cfg.activation} CLTs are converted to JumpReLU on held-out "
+                              "activations, but this checkpoint has no run config naming them")
+        calibration = _heldout_inputs(cfg, calibration_tokens)
+    extra = {"checkpoint": str(loaded.path), "step": loaded.state.step}
+    return export_clt(clt, out_dir, model_name, input_hook, cfg.model.output_hook if cfg else None,
+                      scan, calibration=calibration, dtype=dtype, extra=extra)
+
+
+def _heldout_inputs(cfg: Any, n_tokens: int | None) -> Tensor:
+    """Raw CLT inputs [N, L, d] of held-out tokens of a run config's corpus."""
+    from clt_ray.data import heldout_windows, window_activations
+    from clt_ray.models import load_model
+
+    model, tokenizer = load_model(cfg.model)
+    ids, mask = heldout_windows(tokenizer, cfg.data, n_tokens)
+    x, _ = window_activations(model, ids, mask, cfg.model, cfg.data)
+    return x.float().cpu()

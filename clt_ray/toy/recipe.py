@@ -1,0 +1,86 @@
+"""`ToyRecipe`: everything that decides a toy model's weights. Its hash names the cache folder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Literal
+
+from pydantic import model_validator
+
+from clt_ray.config import StrictModel
+
+TOY_VERSION = 1
+"""Bump when the corpus, tokenizer, training or evaluation code changes what a recipe builds."""
+
+ARCHS = ("gpt2", "llama")
+Arch = Literal["gpt2", "llama"]
+
+
+class ToyRecipe(StrictModel):
+    arch: Arch
+    n_layer: int = 4
+    d_model: int = 96
+    n_head: int = 4
+    n_kv_head: int | None = None
+    """Llama only: key/value heads (grouped-query attention when fewer than `n_head`)."""
+    d_mlp: int = 384
+    init_std: float = 0.02
+    """`initializer_range` of the HF config."""
+    n_ctx: int = 128
+    span_len: tuple[int, int] = (3, 6)
+    """Lengths of the copied (induction) spans."""
+    spans: tuple[int, int] = (2, 3)
+    """Copied spans per training document (min, max)."""
+    chants: tuple[int, int] = (1, 2)
+    """Chants per training document (min, max): 2-3 pool words sung 3-5 times in a row."""
+    steps: int = 600
+    batch_size: int = 24
+    lr: float = 3e-3
+    warmup: int = 40
+    """Warm-up steps (capped at `steps`)."""
+    weight_decay: float = 0.05
+    seed: int = 0
+    eval_prompts: int = 200
+    """Held-out prompts per mechanism scored after training (saved in mechanisms.json)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> ToyRecipe:
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_head {self.n_head}")
+        if self.n_kv_head is not None:
+            if self.arch != "llama":
+                raise ValueError("n_kv_head is only used by the llama architecture")
+            if self.n_head % self.n_kv_head:
+                raise ValueError(f"n_head {self.n_head} is not divisible by n_kv_head {self.n_kv_head}")
+        lo, hi = self.span_len
+        if not 2 <= lo <= hi:
+            raise ValueError(f"span_len {self.span_len} must satisfy 2 <= min <= max")
+        for name in ("spans", "chants"):
+            lo, hi = getattr(self, name)
+            if not 0 <= lo <= hi <= 3:
+                raise ValueError(f"{name} {(lo, hi)} must satisfy 0 <= min <= max <= 3")
+        if self.n_ctx < 64:
+            raise ValueError(f"n_ctx {self.n_ctx} is too short for the corpus (min 64)")
+        if self.steps < 1 or self.warmup < 0:
+            raise ValueError("steps must be >= 1 and warmup >= 0")
+        return self
+
+    def hash(self) -> str:
+        """16 hex digits of sha256 over the recipe and TOY_VERSION (stable across key order)."""
+        blob = json.dumps({"toy_version": TOY_VERSION, "recipe": self.model_dump(mode="json")},
+                          sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def check_arch(arch: str) -> None:
+    if arch not in ARCHS:
+        raise ValueError(f"unknown toy architecture {arch!r}; supported: {', '.join(ARCHS)}")
+
+
+def default_recipe(arch: str = "gpt2") -> ToyRecipe:
+    """The recipe of the demo's and the test suite's toy models."""
+    check_arch(arch)
+    if arch == "llama":
+        return ToyRecipe(arch="llama", n_kv_head=2)
+    return ToyRecipe(arch="gpt2")

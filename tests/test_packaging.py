@@ -1,0 +1,59 @@
+"""Packaging: actors/ installs as clt_ray.actors, every package folder is listed, the core never
+imports Ray, and the console script runs."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_actors_is_the_clt_ray_actors_subpackage() -> None:
+    import clt_ray.actors
+
+    assert Path(clt_ray.actors.__file__).resolve().parent == ROOT / "actors"
+
+
+def test_every_package_folder_is_listed_in_pyproject() -> None:
+    setuptools_cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(setuptools_cfg["packages"])
+    found = {
+        ".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "clt_ray").rglob("__init__.py")
+    } | {
+        "clt_ray.actors" + "".join("." + s for s in p.parent.relative_to(ROOT / "actors").parts)
+        for p in (ROOT / "actors").rglob("__init__.py")
+    }
+    assert found == listed, f"pyproject packages differ: missing {found - listed}, extra {listed - found}"
+
+
+def test_core_never_imports_ray() -> None:
+    offenders = []
+    for path in (ROOT / "clt_ray").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] == "ray"]
+    assert not offenders, offenders
+
+
+def test_console_script_lists_commands() -> None:
+    exe = Path(sys.executable).parent / "clt-ray"
+    out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for command in ("toy", "demo"):
+        assert command in out.stdout
+
+
+def test_console_script_reports_user_errors_in_one_line() -> None:
+    exe = Path(sys.executable).parent / "clt-ray"
+    out = subprocess.run([str(exe), "toy", "build", "--arch", "bert"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2
+    assert "'bert' is not one of" in out.stderr and "Traceback" not in out.stderr
