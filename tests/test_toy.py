@@ -9,13 +9,11 @@ import re
 import threading
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from clt_ray.toy import (
     FACTS,
     MECHANISMS,
-    THRESHOLDS,
     ToyRecipe,
     build_tokenizer,
     build_toy_model,
