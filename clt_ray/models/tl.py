@@ -11,7 +11,7 @@ folder, so we use those (DESIGN.md §5), with three workarounds:
   Llama 3.2: 17 GB a layer). `n_ctx` defaults to at most 2048, as TL does for official Llama 3.2.
 
 Checked on tiny random models: GPT-2, Llama, Mistral, Qwen 2, Qwen 3 load and match HF. TL builds
-Gemma 1/2/3 only from official names (local configs: NotImplementedError; circuit-tracer's nnsight
+Gemma 1/2/3 only from official names (local configs: UnsupportedArchitectureError; circuit-tracer's nnsight
 backend takes local Gemma 2/3 folders instead). TL builds every GPT-NeoX with a parallel residual,
 so `use_parallel_residual=False` models are refused (TL would silently compute something else), and
 its parallel blocks have no `hook_resid_mid`: use the `mlp.hook_in` pair for NeoX there.
@@ -53,6 +53,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from clt_ray.config import ModelConfig
+from clt_ray.models.arch import UnsupportedArchitectureError
 from clt_ray.models.loading import load_model, to_dtype
 
 MAX_DEFAULT_N_CTX = 2048
@@ -100,7 +101,7 @@ def tl_config_and_state_dict(
             cfg = get_pretrained_model_config(str(folder), hf_cfg=hf_config.to_dict(),
                                               dtype=dtype, device=device, fold_ln=False)
         except NotImplementedError as exc:
-            raise NotImplementedError(
+            raise UnsupportedArchitectureError(
                 f"TransformerLens cannot build {hf_config.model_type!r} from a local config "
                 f"({exc}); it knows Gemma models only by official hub name. For local Gemma 2/3 "
                 "folders use circuit-tracer's nnsight backend (DESIGN.md §5)"
