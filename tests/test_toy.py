@@ -103,23 +103,26 @@ def _period(run: tuple[str, ...]) -> tuple[str, ...]:
 
 def test_induction_spans_are_really_repeated(tok, docs):
     pool = set(NONSENSE)
-    with_repeat = 0
+    copied = 0
     for doc in docs:
         runs, run = [], []
-        for t in tokens_of(tok, doc):  # maximal runs of pool words = the (chanted) copied spans
+        for t in tokens_of(tok, doc)[:-8]:  # maximal runs of pool words (the tail may be cut)
             if t in pool:
                 run.append(t)
             elif run:
                 runs.append(tuple(run))
                 run = []
         spans = [_period(r) for r in runs]
-        assert all(3 <= len(s) <= 6 for s in spans)
+        for r, span in zip(runs, spans):
+            if len(r) > len(span):  # a chant: 2-3 words sung 3-5 times
+                assert 2 <= len(span) <= 3 and 3 <= len(r) // len(span) <= 5
+            else:  # a copied span: 3-6 words, at most twice in the document
+                assert 3 <= len(span) <= 6 and spans.count(span) <= 2
         # a pool word belongs to one span only, so the earlier copy of a token is unambiguous
         words = [w for s in set(spans) for w in s]
         assert len(words) == len(set(words))
-        repeated = [s for s in set(spans) if spans.count(s) == 2 or len(runs[spans.index(s)]) > len(s)]
-        with_repeat += len(repeated) >= 1
-    assert with_repeat >= 0.95 * len(docs)
+        copied += sum(spans.count(s) == 2 for s in set(spans))
+    assert copied >= 1.5 * len(docs)  # about two copied spans per document
 
 
 def test_prompts_point_at_their_evidence(tok):
@@ -199,6 +202,7 @@ def tiny(arch: str) -> ToyRecipe:
                      batch_size=2, warmup=1, eval_prompts=4)
 
 
+@pytest.mark.filterwarnings("ignore:.*did not learn its mechanisms")
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_build_is_deterministic_and_cached(arch, tmp_path_factory):
     dirs = [tmp_path_factory.mktemp("cache") for _ in range(2)]  # no "llama" in the paths
@@ -219,6 +223,7 @@ def test_build_is_deterministic_and_cached(arch, tmp_path_factory):
     assert changed.path != first.path and changed.weights_hash != first.weights_hash
 
 
+@pytest.mark.filterwarnings("ignore:.*did not learn its mechanisms")
 def test_concurrent_builds_train_once(tmp_path):
     results = []
     threads = [threading.Thread(target=lambda: results.append(build_toy_model(
