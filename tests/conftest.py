@@ -16,7 +16,7 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
-import pytest  # noqa: E402
+import pytest
 
 RAY_CPUS = 2
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,7 +46,7 @@ def test_core_never_imports_ray() -> None:
 
 def test_console_script_lists_commands() -> None:
     exe = Path(sys.executable).parent / "clt-ray"
-    out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([str(exe), "--help"], check=False, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     for command in ("toy", "demo"):
         assert command in out.stdout
@@ -53,7 +54,8 @@ def test_console_script_lists_commands() -> None:
 
 def test_console_script_reports_user_errors_in_one_line() -> None:
     exe = Path(sys.executable).parent / "clt-ray"
-    out = subprocess.run([str(exe), "toy", "build", "--arch", "bert"], capture_output=True,
+    out = subprocess.run([str(exe), "toy", "build", "--arch", "bert"], check=False,
+                         capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 2
     assert "'bert' is not one of" in out.stderr and "Traceback" not in out.stderr

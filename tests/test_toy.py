@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import itertools
 import json
+import random
 import re
 import threading
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from clt_ray.toy import (
@@ -19,12 +21,15 @@ from clt_ray.toy import (
     build_toy_model,
     default_recipe,
     evaluate,
+    failed_thresholds,
     iter_documents,
     mechanism_prompts,
     weights_hash,
 )
-from clt_ray.toy.corpus import NONSENSE, NOUN_PAIRS, is_heldout_year
+from clt_ray.toy.corpus import INDUCTION_FRAMES, NONSENSE, NOUN_PAIRS, drill_tokens, is_heldout_year
 from clt_ray.toy.evaluate import EVAL_SEED
+from clt_ray.toy.recipe import Phase
+from clt_ray.toy.train import batches
 
 FACT_VALUE = {(f.relation, f.subject): f.value for f in FACTS}
 SINGULAR = {s for s, _ in NOUN_PAIRS}
@@ -125,6 +130,51 @@ def test_induction_spans_are_really_repeated(tok, docs):
     assert copied >= 1.5 * len(docs)  # about two copied spans per document
 
 
+def test_drills_repeat_each_span_in_a_row():
+    frames = {w for f in INDUCTION_FRAMES for w in f} | {"."}
+    rng = random.Random(0)
+    for _ in range(50):
+        toks = drill_tokens(rng, 200)
+        assert len(toks) == 200 and set(toks) <= set(NONSENSE) | frames
+        spans, run = [], []
+        for t in toks[:-14]:  # the tail may be cut
+            if t in NONSENSE:
+                run.append(t)
+            elif run:
+                spans.append(tuple(run))
+                run = []
+        i, said = 0, 0
+        while i < len(spans):  # each span is said 2-3 times in a row, then never again
+            j = i
+            while j < len(spans) and spans[j] == spans[i]:
+                j += 1
+            assert 6 <= len(spans[i]) <= 12 and len(set(spans[i])) == len(spans[i])
+            assert 2 <= j - i <= 3 or j == len(spans)
+            said += j - i
+            i = j
+        assert said == len(spans)
+
+
+def test_curriculum_batches_follow_the_phases(tok):
+    recipe = ToyRecipe(arch="gpt2", n_ctx=64, steps=10, batch_size=2, curriculum=[
+        Phase(until=0.3, window=16, drills=1.0), Phase(until=1.0, window=64, drills=0.0)])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        out = list(batches(recipe, tok))
+    assert len(out) == 10
+    pool = {tok.convert_tokens_to_ids(w) for w in NONSENSE}
+    for step, (ids, pos) in enumerate(out):
+        window = 16 if step < 3 else 64
+        assert ids.shape == pos.shape == (2 * 64 // window, window)
+        assert (ids[:, 0] == tok.bos_token_id).all() and (ids != tok.unk_token_id).all()
+        assert (pos.diff(dim=1) == 1).all() and pos.min() >= 0 and pos.max() < 64
+        if step < 3:  # drills only: mostly pool words
+            assert sum(int(i) in pool for i in ids.flatten()) > 0.5 * ids.numel()
+    offsets = {int(o) for _, pos in out[:3] for o in pos[:, 0]}
+    assert len(offsets) > 1  # short windows sit at random offsets
+    assert all((pos[:, 0] == 0).all() for _, pos in out[3:])
+
+
 def test_prompts_point_at_their_evidence(tok):
     for kind in MECHANISMS:
         for p in mechanism_prompts(kind, 50, seed=0):
@@ -195,11 +245,19 @@ def test_recipe_hash_and_validation():
         ToyRecipe(arch="gpt2", d_model=30, n_head=4)
     with pytest.raises(ValueError, match="disagrees"):
         build_toy_model("gpt2", recipe=default_recipe("llama"))
+    with pytest.raises(ValueError, match="must divide n_ctx"):
+        ToyRecipe(arch="gpt2", n_ctx=64)  # the default curriculum ends with 128-token windows
+    with pytest.raises(ValueError, match="end at 1.0"):
+        ToyRecipe(arch="gpt2", curriculum=[Phase(until=0.5, window=32)])
+    with pytest.raises(ValueError, match="increasing"):
+        ToyRecipe(arch="gpt2", curriculum=[Phase(until=0.5, window=32), Phase(until=0.5, window=64),
+                                           Phase(until=1.0, window=128)])
 
 
 def tiny(arch: str) -> ToyRecipe:
     return ToyRecipe(arch=arch, n_layer=1, d_model=32, n_head=2, d_mlp=64, n_ctx=64, steps=3,
-                     batch_size=2, warmup=1, eval_prompts=4)
+                     batch_size=2, warmup=1, eval_prompts=4,
+                     curriculum=[Phase(until=0.5, window=32, drills=1.0), Phase(until=1.0, window=64)])
 
 
 @pytest.mark.filterwarnings("ignore:.*did not learn its mechanisms")
@@ -255,11 +313,11 @@ def test_toy_models_learned_their_mechanisms(fixture, request):
     recomputed = evaluate(model, tokenizer, n=toy.recipe.eval_prompts, seed=EVAL_SEED)
     for key, value in toy.scores.items():
         assert recomputed[key] == pytest.approx(value, abs=2e-3), key
-    # and on fresh held-out prompts the top prediction is right. The issue's full bars
-    # (THRESHOLDS: induction top-1 >= 0.9, greater-than probability >= 0.8) are not reached by the
-    # current recipe yet; the scores are saved in mechanisms.json, printed by `clt-ray toy build`,
-    # and the gap is open in the foundation issue.
+    # they meet the issue's bars on the build's 200 held-out prompts per mechanism
+    assert failed_thresholds(toy.scores) == [], toy.scores
+    # and on another fresh draw of held-out prompts (a slightly looser greater-than bound: 100
+    # prompts are a noisier estimate of the same probability)
     fresh = evaluate(model, tokenizer, n=100, seed=7)
-    for key in ("facts/top1", "greater_than/top1"):
+    for key in ("induction/top1", "facts/top1", "greater_than/top1", "agreement/top1"):
         assert fresh[key] >= 0.9, (key, fresh)
-    assert fresh["agreement/top1"] >= 0.9, fresh
+    assert fresh["greater_than/prob"] >= 0.75, fresh

@@ -87,7 +87,7 @@ def _write_folder(recipe: ToyRecipe, folder: Path, progress: bool) -> None:
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     scores = evaluate(model, tokenizer, n=recipe.eval_prompts)
-    dump = lambda obj: json.dumps(obj, indent=2, sort_keys=True) + "\n"  # noqa: E731
+    dump = lambda obj: json.dumps(obj, indent=2, sort_keys=True) + "\n"
     atomic_write_text(folder / "recipe.json", dump(
         {"toy_version": TOY_VERSION, "recipe_hash": recipe.hash(),
          "recipe": recipe.model_dump(mode="json")}))
@@ -95,7 +95,7 @@ def _write_folder(recipe: ToyRecipe, folder: Path, progress: bool) -> None:
         {"n_prompts": recipe.eval_prompts, "scores": scores}))
     atomic_write_text(folder / DONE_FILE, dump(
         {"weights_hash": weights_hash(folder), "train_seconds": round(stats["train_seconds"], 2),
-         "final_loss": round(stats["final_loss"], 4), "torch_threads": stats["threads"]}))
+         "final_loss": round(stats["final_loss"], 4)}))
 
 
 def _read(folder: Path, recipe: ToyRecipe, built: bool) -> ToyModel:

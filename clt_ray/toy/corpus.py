@@ -204,7 +204,7 @@ def document_tokens(rng: random.Random, n_tokens: int, span_len: tuple[int, int]
                     ) -> list[str]:
     """One training document of exactly `n_tokens` tokens, dense in mechanisms.
 
-    A shuffled plan of sentences (2 facts, 1-2 year ranges, 1-2 agreements, 0-2 fillers, `chants`
+    A shuffled plan of sentences (2 facts, 2-3 year ranges, 1-2 agreements, 0-2 fillers, `chants`
     chants) with `spans` copied spans, each repeated after at least one other sentence. Sentences
     that no longer fit are skipped; the end is topped up with filler cut off at `n_tokens`.
 
@@ -215,7 +215,7 @@ def document_tokens(rng: random.Random, n_tokens: int, span_len: tuple[int, int]
     for _ in range(2):
         tokens, fact = _fact(rng)
         blocks.append([*tokens, fact.value, "."])
-    for _ in range(rng.randint(1, 2)):
+    for _ in range(rng.randint(2, 3)):
         tokens, _, yy = _greater_than(rng, heldout=False)
         blocks.append([*tokens, f"{rng.randint(yy + 1, 99):02d}", "."])
     for _ in range(rng.randint(1, 2)):
@@ -242,6 +242,23 @@ def document_tokens(rng: random.Random, n_tokens: int, span_len: tuple[int, int]
             out += block
     while len(out) < n_tokens:
         out += _filler(rng)
+    return out[:n_tokens]
+
+
+def drill_tokens(rng: random.Random, n_tokens: int, span_len: tuple[int, int] = (6, 12),
+                 repeats: tuple[int, int] = (2, 3)) -> list[str]:
+    """A copying drill of exactly `n_tokens` tokens: spans of pool words, each said 2-3 times in a
+    row, each time after an induction frame ("The sign read zim obb ker. Once more: zim obb ker.").
+
+    Every word after a span's first saying is predictable only by induction. Early training on
+    short drills is what lets the toy models escape the long induction plateau in their ~2 minute
+    budget (on ordinary documents alone a 4-layer model did not form an induction head in 1500
+    steps); see `ToyRecipe.curriculum`."""
+    out: list[str] = []
+    while len(out) < n_tokens:
+        span = rng.sample(NONSENSE, rng.randint(*span_len))
+        for _ in range(rng.randint(*repeats)):
+            out += [*rng.choice(INDUCTION_FRAMES), *span, "."]
     return out[:n_tokens]
 
 
