@@ -338,9 +338,9 @@ TOY_TRAIN: dict[str, Any] = {
              "tanh_c": 1.0, "preact_coef": 1e-3},
     "optim": {"lr": {"lr": 1e-3, "warmup_frac": 0.02, "decay": "linear",
                      "decay_start_frac": 0.8, "final_frac": 0.0}, "max_grad_norm": 1.0},
-    "train": {"steps": 300, "batch_size": 1024, "init_tokens": 16384,
-              "dead_after_tokens": 200_000, "log_every": 10, "eval_every": 100,
-              "checkpoint_every": 150, "keep_checkpoints": 2},
+    "train": {"steps": 600, "batch_size": 1024, "init_tokens": 16384,
+              "dead_after_tokens": 200_000, "log_every": 10, "eval_every": 200,
+              "checkpoint_every": 300, "keep_checkpoints": 2},
     "data": {"corpus": "toy", "context_size": 128, "lm_batch_size": 32,
              "shuffle_buffer": 65536, "seed": 1, "heldout_seed": 2, "heldout_tokens": 8192},
 }
