@@ -102,8 +102,10 @@ class StepResult:
 
 
 def make_optimizer(model: CrossLayerTranscoder, cfg: OptimConfig) -> torch.optim.Adam:
-    """Adam over the shard's (fp32) parameters; the fused kernel on GPUs."""
-    fused = model.b_dec.is_cuda
+    """Adam over the shard's (fp32) parameters with torch's fused kernel (CPU and CUDA): on CPU it
+    is 8x faster than the foreach one at GPT-2 shape (0.10 s vs 0.83 s per update of 141 M
+    parameters) and equal to it to 1e-17 in fp64."""
+    fused = model.b_dec.device.type in ("cpu", "cuda") or None
     return torch.optim.Adam(model.parameters(), lr=cfg.lr.lr, betas=cfg.betas, eps=cfg.eps,
                             fused=fused)
 
@@ -257,6 +259,17 @@ class LocalGroup:
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+@contextlib.contextmanager
+def tf32_matmuls(enabled: bool) -> Iterator[None]:
+    """CUDA fp32 matmuls in TF32 inside the block when `enabled`; the caller's setting after."""
+    was = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled or was
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = was
+
+
 def _sink_tensorboard(run_dir: Path) -> Any:
     """A TensorBoard SummaryWriter if the tensorboard package is installed, else None."""
     try:
@@ -385,11 +398,13 @@ class Trainer:
 
     # --- one step ------------------------------------------------------------------------------
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
+    @contextlib.contextmanager
+    def _autocast(self) -> Iterator[None]:
         dtype = AUTOCAST_DTYPES.get(self.train_cfg.precision)
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=dtype)
+        with tf32_matmuls(self.train_cfg.tf32), (
+                contextlib.nullcontext() if dtype is None
+                else torch.autocast(self.device.type, dtype=dtype)):
+            yield
 
     def train_step(self, x: Tensor, y: Tensor) -> StepResult:
         """One update at the current step; advances step, tokens and the dead counters."""

@@ -19,6 +19,7 @@ from clt_ray.clt import CrossLayerTranscoder
 from clt_ray.config import ConfigError, load_config, parse_config, toy_config
 from clt_ray.data import TensorSource, heldout_windows, lm_source, split_batches, window_activations
 from clt_ray.toy.tokenizer import build_tokenizer
+from clt_ray import training
 from clt_ray.training import Trainer, check_config, train_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,6 +140,23 @@ def test_bf16_autocast_step_keeps_fp32_master_weights():
     res = trainer.train_step(*next(source))
     assert torch.isfinite(torch.tensor(res.loss)) and trainer.model.W_enc.dtype == torch.float32
     assert all(s["exp_avg"].dtype == torch.float32 for s in trainer.optimizer.state.values())
+
+
+def test_tf32_flag_holds_during_the_step_only_and_adam_is_fused(monkeypatch):
+    x, y = sparse_data(n=512)
+    cfg = small_config(train={"tf32": True, "batch_size": 128, "init_tokens": 256})
+    trainer = Trainer(CrossLayerTranscoder(cfg.clt.resolve(2, 12)), loss=cfg.loss,
+                      optim=cfg.optim, train=cfg.train)
+    assert all(g["fused"] for g in trainer.optimizer.param_groups)  # fused Adam on CPU too
+    source = TensorSource(x, y, 128)
+    trainer.initialize(source)
+    seen = []
+    step = training.train_step
+    monkeypatch.setattr(training, "train_step", lambda *a, **k: (
+        seen.append(torch.backends.cuda.matmul.allow_tf32), step(*a, **k))[1])
+    torch.backends.cuda.matmul.allow_tf32 = False
+    trainer.train_step(*next(source))
+    assert seen == [True] and torch.backends.cuda.matmul.allow_tf32 is False
 
 
 def test_dead_counters_count_tokens_since_a_feature_fired():
