@@ -14,12 +14,12 @@ import torch
 import yaml
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from clt_ray import training
 from clt_ray.checkpoint import list_checkpoints, load_checkpoint
 from clt_ray.clt import CrossLayerTranscoder
 from clt_ray.config import ConfigError, load_config, parse_config, toy_config
 from clt_ray.data import TensorSource, heldout_windows, lm_source, split_batches, window_activations
 from clt_ray.toy.tokenizer import build_tokenizer
-from clt_ray import training
 from clt_ray.training import Trainer, check_config, train_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
