@@ -1,0 +1,235 @@
+"""The on-disk activation cache: block files plus a JSON manifest, on any pyarrow filesystem.
+
+    <root>/manifest.json          model, hooks, layers, d, quantisation, channel scales, files
+    <root>/part-000000.arrows     one encoded block each (`clt_ray.cache.block`: Arrow IPC stream)
+
+`root` is a local path or a URI: pyarrow's own filesystems (`s3://`, `gs://`, `file://`, …) and,
+through pyarrow's fsspec bridge, any fsspec filesystem (`memory://`, …). Every file and every
+manifest update is written under a temporary name and then moved into place, so a crash leaves
+the last complete state. Each file's size and sha256 are in the manifest and checked on read: a
+damaged file is an error naming it, never trained on.
+
+`CacheBlocks` is the cache as a `BlockStream` (clt_ray.data): files in a seeded per-epoch order,
+resumable at file boundaries; `ShuffledSource` on top shuffles within a token buffer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from typing import Literal
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import torch
+from pydantic import Field
+
+from clt_ray.cache.block import BlockError, decode_block, read_block_table
+from clt_ray.config import CltRayError, StrictModel
+from clt_ray.data import Batch, BlockStream, State
+
+MANIFEST = "manifest.json"
+
+
+class CacheError(CltRayError):
+    """A cache that is missing, damaged, or does not match what it is used for."""
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(pyarrow filesystem, path inside it) for a local path or a URI."""
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), uri
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(uri)
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+class CacheFile(StrictModel):
+    name: str
+    tokens: int
+    bytes: int
+    sha256: str
+
+
+class Manifest(StrictModel):
+    """What a cache holds and how it was made; `files` grows as blocks are written."""
+
+    format: Literal["clt-ray-cache"] = "clt-ray-cache"
+    version: Literal[1] = 1
+    model: str
+    revision: str | None = None
+    input_hook: str
+    output_hook: str
+    layers: int = Field(gt=0)
+    d_model: int = Field(gt=0)
+    bits: Literal[8, 4, 2]
+    zstd_level: int | None = None
+    x_channel_scale: list[list[float]] | None = None
+    y_channel_scale: list[list[float]] | None = None
+    stats: dict[str, list[float]] = Field(default_factory=dict)
+    """Normalisation statistics (e.g. mean squared norm per layer) for the trainer's init."""
+    files: list[CacheFile] = Field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        return sum(f.tokens for f in self.files)
+
+    def same_source(self, other: Manifest) -> list[str]:
+        """The fields (other than files and stats) on which two manifests disagree."""
+        skip = {"files", "stats"}
+        a, b = self.model_dump(exclude=skip), other.model_dump(exclude=skip)
+        return [k for k in a if a[k] != b[k]]
+
+    def check_matches(self, *, model: str, input_hook: str, output_hook: str, layers: int,
+                      d_model: int) -> None:
+        """CacheError naming every field where the cache differs from the model/CLT config."""
+        want = {"model": model, "input_hook": input_hook, "output_hook": output_hook,
+                "layers": layers, "d_model": d_model}
+        bad = [f"{k}: cache has {getattr(self, k)!r}, config has {v!r}"
+               for k, v in want.items() if getattr(self, k) != v]
+        if bad:
+            raise CacheError("the activation cache does not match the run: " + "; ".join(bad))
+
+    def channel_scale(self, which: Literal["x", "y"]) -> torch.Tensor | None:
+        rows = self.x_channel_scale if which == "x" else self.y_channel_scale
+        return None if rows is None else torch.tensor(rows, dtype=torch.float32)
+
+
+def _write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    parent, _, name = path.rpartition("/")
+    tmp = f"{parent}/.{name}.tmp" if parent else f".{name}.tmp"
+    with fs.open_output_stream(tmp) as f:
+        f.write(data)
+    fs.move(tmp, path)
+
+
+def _read(fs: pafs.FileSystem, path: str) -> bytes:
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+class CacheWriter:
+    """Writes blocks into a cache, or resumes one: an existing manifest with the same source is
+    kept with its finished files (`has` says which), a different one is an error."""
+
+    def __init__(self, uri: str, manifest: Manifest) -> None:
+        self.uri = uri
+        self.fs, self.root = filesystem(uri)
+        self.fs.create_dir(self.root, recursive=True)
+        existing = _load_manifest(self.fs, self.root, uri, missing_ok=True)
+        if existing is not None:
+            if diff := existing.same_source(manifest):
+                raise CacheError(f"{uri} already holds a cache made differently "
+                                 f"({', '.join(diff)} differ); choose another directory")
+            manifest = existing
+        self.manifest = manifest
+        self._save()
+
+    def _save(self) -> None:
+        _write_atomic(self.fs, f"{self.root}/{MANIFEST}",
+                      json.dumps(self.manifest.model_dump(mode="json"), indent=1).encode())
+
+    def has(self, name: str) -> bool:
+        return any(f.name == name for f in self.manifest.files)
+
+    def write(self, name: str, data: bytes) -> CacheFile:
+        """Store one encoded block as file `name` and record it in the manifest (both atomic)."""
+        if "/" in name or name == MANIFEST or name.startswith("."):
+            raise ValueError(f"bad cache file name {name!r}")
+        if self.has(name):
+            raise CacheError(f"{self.uri}/{name} is already in the cache")
+        _, meta = read_block_table(data)
+        if (meta["bits"], meta["layers"], meta["d"]) != (
+                self.manifest.bits, self.manifest.layers, self.manifest.d_model):
+            raise CacheError(f"block {name} is bits={meta['bits']} layers={meta['layers']} "
+                             f"d={meta['d']}; the cache is bits={self.manifest.bits} layers="
+                             f"{self.manifest.layers} d={self.manifest.d_model}")
+        _write_atomic(self.fs, f"{self.root}/{name}", data)
+        entry = CacheFile(name=name, tokens=meta["tokens"], bytes=len(data),
+                          sha256=hashlib.sha256(data).hexdigest())
+        self.manifest.files.append(entry)
+        self._save()
+        return entry
+
+
+def _load_manifest(fs: pafs.FileSystem, root: str, uri: str, missing_ok: bool = False
+                   ) -> Manifest | None:
+    path = f"{root}/{MANIFEST}"
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        if missing_ok:
+            return None
+        raise CacheError(f"{uri}: no activation cache here ({MANIFEST} not found)")
+    try:
+        return Manifest.model_validate_json(_read(fs, path))
+    except ValueError as exc:
+        raise CacheError(f"{uri}/{MANIFEST}: not a valid clt-ray cache manifest: {exc}") from None
+
+
+def open_cache(uri: str) -> tuple[pafs.FileSystem, str, Manifest]:
+    fs, root = filesystem(uri)
+    manifest = _load_manifest(fs, root, uri)
+    assert manifest is not None
+    return fs, root, manifest
+
+
+def read_file(fs: pafs.FileSystem, root: str, entry: CacheFile, uri: str = "") -> bytes:
+    """A cache file's bytes, after checking its size and sha256 against the manifest."""
+    where = f"{uri or root}/{entry.name}"
+    try:
+        data = _read(fs, f"{root}/{entry.name}")
+    except (OSError, pa.ArrowException) as exc:
+        raise CacheError(f"{where}: cannot be read ({exc})") from None
+    if len(data) != entry.bytes:
+        raise CacheError(f"{where}: {len(data)} bytes, the manifest says {entry.bytes} (truncated?)")
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != entry.sha256:
+        raise CacheError(f"{where}: sha256 {digest[:12]}… does not match the manifest's "
+                         f"{entry.sha256[:12]}… (the file is corrupt)")
+    return data
+
+
+class CacheBlocks(BlockStream):
+    """The cache's blocks as (x, y) [n, L, d] in `dtype`: every file once per epoch, in an order
+    seeded by (seed, epoch); endless unless `epochs` is given. Resumable at file boundaries."""
+
+    def __init__(self, uri: str, *, seed: int = 0, epochs: int | None = None,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> None:
+        self.uri = uri
+        self.fs, self.root, self.manifest = open_cache(uri)
+        if not self.manifest.files:
+            raise CacheError(f"{uri}: the cache holds no files yet")
+        self.seed, self.epochs, self.dtype, self.device = seed, epochs, dtype, device
+        self.x_scale = self.manifest.channel_scale("x")
+        self.y_scale = self.manifest.channel_scale("y")
+        self.epoch, self.index = 0, 0
+
+    def _order(self, epoch: int) -> list[CacheFile]:
+        files = list(self.manifest.files)
+        random.Random(f"cache/{self.seed}/{epoch}").shuffle(files)
+        return files
+
+    def __next__(self) -> Batch:
+        if self.index == len(self.manifest.files):
+            self.epoch, self.index = self.epoch + 1, 0
+        if self.epochs is not None and self.epoch >= self.epochs:
+            raise StopIteration
+        entry = self._order(self.epoch)[self.index]
+        data = read_file(self.fs, self.root, entry, self.uri)
+        try:
+            block = decode_block(data, x_channel_scale=self.x_scale, y_channel_scale=self.y_scale,
+                                 dtype=self.dtype, device=self.device)
+        except BlockError as exc:
+            raise CacheError(f"{self.uri}/{entry.name}: {exc}") from None
+        self.index += 1
+        return block.x, block.y
+
+    def state(self) -> State:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def restore(self, state: State) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
