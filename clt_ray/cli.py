@@ -170,6 +170,34 @@ def train(config_path: Path | None, run_dir: Path | None, steps: int | None,
     click.echo(f"  checkpoint: {result.checkpoint}\n  run dir: {run_dir}")
 
 
+@cli.command("cache")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              required=True, help="Run config (YAML): its model and data sections say what to cache.")
+@click.option("--out", required=True, help="Cache directory: a local path or a URI (s3://, gs://, …).")
+@click.option("--tokens", type=click.IntRange(min=1), required=True,
+              help="Trainable tokens to cache (whole files; fewer if the corpus ends).")
+@click.option("--bits", type=click.Choice(["8", "4", "2"]), default="8", show_default=True)
+@click.option("--zstd", "zstd_level", type=click.IntRange(0, 22), default=1, show_default=True,
+              help="zstd level of the files (0: uncompressed).")
+@click.option("--windows-per-file", type=click.IntRange(min=1), default=64, show_default=True)
+def cache(config_path: Path, out: str, tokens: int, bits: str, zstd_level: int,
+          windows_per_file: int) -> None:
+    """Write an activation cache by running the model over the config's corpus, in this process.
+    Run it again to resume: finished files are kept. Train from it with `data.source: cache`."""
+    from clt_ray.cache.produce import write_cache
+    from clt_ray.config import load_config
+    from clt_ray.models import load_model
+    from clt_ray.training import check_config
+
+    cfg = load_config(config_path)
+    if cfg.cache_dir is not None:
+        os.environ["CLT_RAY_CACHE"] = str(cfg.cache_dir)
+    check_config(cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": "lm"})}))
+    lm, tokenizer = load_model(cfg.model)
+    write_cache(lm, tokenizer, cfg.data, cfg.model, out, tokens=tokens, bits=int(bits),
+                zstd_level=zstd_level or None, windows_per_file=windows_per_file, log=click.echo)
+
+
 @cli.command("eval")
 @click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
 @click.option("--batches", type=click.IntRange(min=1), default=None,

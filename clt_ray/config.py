@@ -145,9 +145,11 @@ class CLTSection(StrictModel):
 class DataConfig(StrictModel):
     """The `data:` section: where training activations come from."""
 
-    source: Literal["lm"] = "lm"
-    """`lm`: run the model in this process over a token stream (on-disk cache and Ray-streamed
-    producers come later through the same interface)."""
+    source: Literal["lm", "cache"] = "lm"
+    """`lm`: run the model in this process over a token stream; `cache`: read the activation
+    cache at `data.cache` (written by `clt-ray cache`). Held-out data always comes from the model."""
+    cache: str | None = None
+    """The activation cache (local path or URI) when `source: cache`."""
     corpus: str = "toy"
     """`toy` (the synthetic toy corpus), a local .txt/.jsonl file or folder of them, or
     `hf:<dataset>[:<config>]` (Hugging Face datasets, streamed; needs network)."""
@@ -178,6 +180,8 @@ class DataConfig(StrictModel):
             raise ValueError("context_size must be at least 2 (BOS + one token)")
         if self.heldout_every < 2:
             raise ValueError("heldout_every must be at least 2")
+        if self.source == "cache" and not self.cache:
+            raise ValueError("source 'cache' needs data.cache (the cache's path or URI)")
         return self
 
 

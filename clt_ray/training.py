@@ -655,6 +655,15 @@ def check_config(cfg: Any) -> CLTConfig:
         if d.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"{key}: {dev!r}, but CUDA is not available here")
     make_documents(cfg.data, heldout=False)  # a missing corpus file fails now
+    if cfg.data.source == "cache":
+        from clt_ray.cache.store import open_cache
+
+        manifest = open_cache(cfg.data.cache)[2]
+        manifest.check_matches(model=cfg.model.name, input_hook=cfg.model.input_hook,
+                               output_hook=cfg.model.output_hook, layers=n_layers,
+                               d_model=d_model)
+        if not manifest.files:
+            raise ConfigError(f"data.cache {cfg.data.cache}: the cache holds no files yet")
     return clt_cfg
 
 
@@ -706,7 +715,14 @@ def train_from_config(
 
     lm, tokenizer = load_model(cfg.model)
     device = torch.device(cfg.train.device or cfg.model.device)
-    source = lm_source(lm, tokenizer, cfg.data, cfg.model, cfg.train.batch_size)
+    if cfg.data.source == "cache":
+        from clt_ray.cache.store import CacheBlocks
+        from clt_ray.data import ShuffledSource
+
+        source = ShuffledSource(CacheBlocks(cfg.data.cache, seed=cfg.data.seed),
+                                cfg.train.batch_size, cfg.data.shuffle_buffer, seed=cfg.data.seed)
+    else:
+        source = lm_source(lm, tokenizer, cfg.data, cfg.model, cfg.train.batch_size)
     ids, mask = heldout_windows(tokenizer, cfg.data)
     hx, hy = window_activations(lm, ids, mask, cfg.model, cfg.data)
     heldout = split_batches(hx, hy, cfg.train.batch_size)

@@ -170,6 +170,12 @@ def _load_manifest(fs: pafs.FileSystem, root: str, uri: str, missing_ok: bool = 
         raise CacheError(f"{uri}/{MANIFEST}: not a valid clt-ray cache manifest: {exc}") from None
 
 
+def load_manifest(uri: str) -> Manifest | None:
+    """The manifest of the cache at `uri`, or None when there is no cache there yet."""
+    fs, root = filesystem(uri)
+    return _load_manifest(fs, root, uri, missing_ok=True)
+
+
 def open_cache(uri: str) -> tuple[pafs.FileSystem, str, Manifest]:
     fs, root = filesystem(uri)
     manifest = _load_manifest(fs, root, uri)

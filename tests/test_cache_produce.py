@@ -1,0 +1,134 @@
+"""Writing a cache from the LM: exactly the tokens of the source, resumable, disjoint slices; and
+training from it through `data.source: cache`."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from clt_ray.cache.produce import write_cache
+from clt_ray.cache.store import CacheError, open_cache
+from clt_ray.config import ConfigError, parse_config
+from clt_ray.data import TokenWindows, make_documents
+from clt_ray.models import load_model
+from clt_ray.toy.tokenizer import build_tokenizer
+from clt_ray.training import check_config, train_from_config
+
+
+@pytest.fixture(scope="module")
+def tiny_lm_dir(tmp_path_factory):
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    lm = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=32, n_embd=16, n_layer=2,
+                                    n_head=2, bos_token_id=1, eos_token_id=2, pad_token_id=0))
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    lm.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def config(model_dir: Path, **data):
+    return parse_config({
+        "model": {"name": str(model_dir)},
+        "clt": {"n_features": 32, "init_threshold": 0.05, "bandwidth": 0.5,
+                "init_firing_rate": 0.05},
+        "loss": {"sparsity": {"final": 0.3, "ramp_frac": 0.5}, "tanh_c": 1.0},
+        "optim": {"lr": {"lr": 3e-3, "warmup_frac": 0.05}},
+        "train": {"steps": 6, "batch_size": 64, "init_tokens": 128, "dead_after_tokens": 256,
+                  "log_every": 2, "eval_every": 0, "checkpoint_every": 0, "progress": False},
+        "data": {"context_size": 17, "lm_batch_size": 4, "shuffle_buffer": 128,
+                 "heldout_tokens": 64, **data},
+    })
+
+
+def cached_token_ids(uri: str) -> list[int]:
+    fs, root, manifest = open_cache(uri)
+    out: list[int] = []
+    for f in sorted(manifest.files, key=lambda f: f.name):
+        with fs.open_input_stream(f"{root}/{f.name}") as s:
+            out += pa.ipc.open_stream(s.read()).read_all().column("token_id").to_pylist()
+    return out
+
+
+def source_token_ids(cfg, tokenizer, n_windows: int) -> list[list[int]]:
+    windows = TokenWindows(make_documents(cfg.data, heldout=False), tokenizer,
+                           cfg.data.context_size)
+    return [w[1:] for w in itertools.islice(windows, n_windows)]  # BOS dropped
+
+
+def test_cache_holds_exactly_the_source_tokens_and_resumes(tiny_lm_dir, tmp_path: Path):
+    cfg = config(tiny_lm_dir)
+    lm, tok = load_model(cfg.model)
+    one_shot, resumed = str(tmp_path / "a"), str(tmp_path / "b")
+    m = write_cache(lm, tok, cfg.data, cfg.model, one_shot, tokens=300, windows_per_file=5,
+                    progress=False, log=lambda s: None)
+    assert len(m.files) == 4 and m.tokens >= 300  # whole files of 5 windows × 16 tokens
+    expected = [t for w in source_token_ids(cfg, tok, 20) for t in w]
+    assert cached_token_ids(one_shot) == expected  # none missing, none twice, in order
+
+    # an "interrupted" run (fewer tokens), then the same command again
+    write_cache(lm, tok, cfg.data, cfg.model, resumed, tokens=100, windows_per_file=5,
+                progress=False, log=lambda s: None)
+    assert len(open_cache(resumed)[2].files) == 2
+    logs: list[str] = []
+    again = write_cache(lm, tok, cfg.data, cfg.model, resumed, tokens=300, windows_per_file=5,
+                        progress=False, log=logs.append)
+    assert [f.sha256 for f in again.files] == [f.sha256 for f in m.files]
+    assert "cached 160 new tokens" in logs[0]  # only the two missing files were computed
+    assert cached_token_ids(resumed) == expected
+
+
+def test_slices_are_disjoint_and_cover_the_stream(tiny_lm_dir, tmp_path: Path):
+    cfg = config(tiny_lm_dir)
+    lm, tok = load_model(cfg.model)
+    uris = [str(tmp_path / f"s{i}") for i in range(2)]
+    for i, uri in enumerate(uris):
+        write_cache(lm, tok, cfg.data, cfg.model, uri, tokens=160, windows_per_file=5,
+                    slice_index=i, n_slices=2, progress=False, log=lambda s: None)
+    windows = source_token_ids(cfg, tok, 20)
+    groups = [[t for w in windows[g * 5:(g + 1) * 5] for t in w] for g in range(4)]
+    assert cached_token_ids(uris[0]) == groups[0] + groups[2]
+    assert cached_token_ids(uris[1]) == groups[1] + groups[3]
+    with pytest.raises(ValueError, match="slice_index 2 is not in"):
+        write_cache(lm, tok, cfg.data, cfg.model, uris[0], tokens=10, slice_index=2, n_slices=2)
+
+
+def test_train_from_the_cache_and_refuse_a_mismatched_one(tiny_lm_dir, tmp_path: Path):
+    uri = str(tmp_path / "cache")
+    cfg = config(tiny_lm_dir)
+    lm, tok = load_model(cfg.model)
+    write_cache(lm, tok, cfg.data, cfg.model, uri, tokens=1200, windows_per_file=8, bits=8,
+                progress=False, log=lambda s: None)
+    cached = config(tiny_lm_dir, source="cache", cache=uri)
+    runs = {}
+    for name, c in (("cache", cached), ("lm", cfg)):
+        c = c.model_copy(update={"train": c.train.model_copy(update={"steps": 60})})
+        runs[name] = train_from_config(c, tmp_path / name, log=lambda s: None, splice=False)
+        assert runs[name].step == 60 and (tmp_path / name / "summary.json").is_file()
+    records = [json.loads(line) for line in (tmp_path / "cache" / "metrics.jsonl").read_text()
+               .splitlines()]
+    mse = [r["mse"] for r in records if r["kind"] == "train"]
+    assert mse[-1] < 0.7 * mse[0], mse  # it learns from the cached activations
+    ev = {k: sum(r.metrics["explained_variance"]) / 2 for k, r in runs.items()}
+    assert abs(ev["cache"] - ev["lm"]) < 0.05, ev  # as well as from live fp32 activations
+    # and the cache really is what it read: a corrupt file stops a new run with the file's name
+    victim = sorted(Path(uri).glob("part-*.arrows"))[1]
+    victim.write_bytes(victim.read_bytes()[:-5] + b"xxxxx")
+    with pytest.raises(CacheError, match=f"{victim.name}: sha256"):
+        train_from_config(cached, tmp_path / "run2", log=lambda s: None, splice=False)
+
+    other = cached.model_copy(update={"model": cached.model.model_copy(
+        update={"input_hook": "mlp.hook_in", "output_hook": "mlp.hook_out"})})
+    with pytest.raises(CacheError, match="input_hook: cache has 'hook_resid_mid', config has "
+                                         "'mlp.hook_in'"):
+        check_config(other)
+    with pytest.raises(ConfigError, match="needs data.cache"):
+        config(tiny_lm_dir, source="cache")
+    with pytest.raises(CacheError, match="no activation cache here"):
+        check_config(config(tiny_lm_dir, source="cache", cache=str(tmp_path / "none")))
