@@ -150,6 +150,10 @@ class DataConfig(StrictModel):
     cache at `data.cache` (written by `clt-ray cache`). Held-out data always comes from the model."""
     cache: str | None = None
     """The activation cache (local path or URI) when `source: cache`."""
+    cache_order: Literal["shuffled", "written"] = "shuffled"
+    """`shuffled`: the cache's files in a seeded order each epoch (then the shuffle buffer);
+    `written`: in the order they were written, which replays the live stream exactly when the
+    files hold `lm_batch_size` windows each (`clt-ray cache --windows-per-file`)."""
     corpus: str = "toy"
     """`toy` (the synthetic toy corpus), a local .txt/.jsonl file or folder of them, or
     `hf:<dataset>[:<config>]` (Hugging Face datasets, streamed; needs network)."""

@@ -719,7 +719,9 @@ def train_from_config(
         from clt_ray.cache.store import CacheBlocks
         from clt_ray.data import ShuffledSource
 
-        source = ShuffledSource(CacheBlocks(cfg.data.cache, seed=cfg.data.seed),
+        blocks = CacheBlocks(cfg.data.cache, seed=cfg.data.seed,
+                             shuffle_files=cfg.data.cache_order == "shuffled")
+        source = ShuffledSource(blocks,
                                 cfg.train.batch_size, cfg.data.shuffle_buffer, seed=cfg.data.seed)
     else:
         source = lm_source(lm, tokenizer, cfg.data, cfg.model, cfg.train.batch_size)

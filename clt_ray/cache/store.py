@@ -201,22 +201,27 @@ def read_file(fs: pafs.FileSystem, root: str, entry: CacheFile, uri: str = "") -
 
 class CacheBlocks(BlockStream):
     """The cache's blocks as (x, y) [n, L, d] in `dtype`: every file once per epoch, in an order
-    seeded by (seed, epoch); endless unless `epochs` is given. Resumable at file boundaries."""
+    seeded by (seed, epoch), or with shuffle_files=False in the order they were written (then a
+    cache whose files hold `lm_batch_size` windows replays the live LM stream block for block);
+    endless unless `epochs` is given. Resumable at file boundaries."""
 
     def __init__(self, uri: str, *, seed: int = 0, epochs: int | None = None,
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> None:
+                 shuffle_files: bool = True, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu") -> None:
         self.uri = uri
         self.fs, self.root, self.manifest = open_cache(uri)
         if not self.manifest.files:
             raise CacheError(f"{uri}: the cache holds no files yet")
         self.seed, self.epochs, self.dtype, self.device = seed, epochs, dtype, device
+        self.shuffle_files = shuffle_files
         self.x_scale = self.manifest.channel_scale("x")
         self.y_scale = self.manifest.channel_scale("y")
         self.epoch, self.index = 0, 0
 
     def _order(self, epoch: int) -> list[CacheFile]:
-        files = list(self.manifest.files)
-        random.Random(f"cache/{self.seed}/{epoch}").shuffle(files)
+        files = sorted(self.manifest.files, key=lambda f: f.name)
+        if self.shuffle_files:
+            random.Random(f"cache/{self.seed}/{epoch}").shuffle(files)
         return files
 
     def __next__(self) -> Batch:
