@@ -60,3 +60,23 @@ def toy_llama():
     from clt_ray.toy import build_toy_model
 
     return build_toy_model("llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory):
+    """A random 2-layer GPT-2 (d 16) with the toy tokenizer, saved as a local HF folder."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from clt_ray.toy.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        lm = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=32, n_embd=16,
+                                        n_layer=2, n_head=2, bos_token_id=1, eos_token_id=2,
+                                        pad_token_id=0))
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    lm.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

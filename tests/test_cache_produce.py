@@ -9,28 +9,13 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-import torch
-from transformers import GPT2Config, GPT2LMHeadModel
 
 from clt_ray.cache.produce import write_cache
 from clt_ray.cache.store import CacheError, open_cache
 from clt_ray.config import ConfigError, parse_config
 from clt_ray.data import TokenWindows, make_documents
 from clt_ray.models import load_model
-from clt_ray.toy.tokenizer import build_tokenizer
 from clt_ray.training import check_config, train_from_config
-
-
-@pytest.fixture(scope="module")
-def tiny_lm_dir(tmp_path_factory):
-    tok = build_tokenizer()
-    torch.manual_seed(0)
-    lm = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=32, n_embd=16, n_layer=2,
-                                    n_head=2, bos_token_id=1, eos_token_id=2, pad_token_id=0))
-    path = tmp_path_factory.mktemp("tiny-gpt2")
-    lm.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 def config(model_dir: Path, **data):

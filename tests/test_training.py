@@ -12,14 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from transformers import GPT2Config, GPT2LMHeadModel
 
 from clt_ray import training
 from clt_ray.checkpoint import list_checkpoints, load_checkpoint
 from clt_ray.clt import CrossLayerTranscoder
 from clt_ray.config import ConfigError, load_config, parse_config, toy_config
 from clt_ray.data import TensorSource, heldout_windows, lm_source, split_batches, window_activations
-from clt_ray.toy.tokenizer import build_tokenizer
 from clt_ray.training import Trainer, check_config, train_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,19 +48,6 @@ def small_config(**sections):
     for key, value in sections.items():
         base[key] = {**base.get(key, {}), **value}
     return parse_config(base)
-
-
-@pytest.fixture(scope="module")
-def tiny_lm_dir(tmp_path_factory):
-    """A random 2-layer GPT-2 (d 16) with the toy tokenizer, saved as a local HF folder."""
-    tok = build_tokenizer()
-    torch.manual_seed(0)
-    lm = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=32, n_embd=16, n_layer=2,
-                                    n_head=2, bos_token_id=1, eos_token_id=2, pad_token_id=0))
-    path = tmp_path_factory.mktemp("tiny-gpt2")
-    lm.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 # --- learning ----------------------------------------------------------------------------------
