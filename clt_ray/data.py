@@ -395,6 +395,19 @@ def pad_windows(rows: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     return ids, mask
 
 
+def trainable_activations(model: PreTrainedModel, ids: Tensor, mask: Tensor, input_hook: str,
+                          output_hook: str, dtype: torch.dtype = torch.float32
+                          ) -> tuple[Tensor, Tensor, Tensor]:
+    """(token ids [n], x, y [n, L, d]) of the trainable tokens of windows ids/mask [N, T]: one
+    forward pass, BOS and padding dropped (models.keep_mask)."""
+    from clt_ray.models import extract_activations, keep_mask
+
+    x, y = extract_activations(model, ids, mask, input_hook=input_hook, output_hook=output_hook,
+                               dtype=dtype)
+    keep = keep_mask(ids, mask)
+    return ids[keep], x[keep.to(x.device)], y[keep.to(y.device)]
+
+
 class LMBlocks(BlockStream):
     """Runs the LM in this process over token windows; each block is the activations of
     `lm_batch_size` windows with BOS and padding dropped (models.keep_mask)."""
@@ -410,16 +423,13 @@ class LMBlocks(BlockStream):
         self.n_layers, self.d_model = n_layers(model), d_model(model)
 
     def __next__(self) -> Batch:
-        from clt_ray.models import extract_activations, keep_mask
-
         rows = [w for _, w in zip(range(self.lm_batch_size), self.windows)]
         if not rows:
             raise StopIteration
         ids, mask = pad_windows(rows, self.pad_id)
-        x, y = extract_activations(self.model, ids, mask, input_hook=self.input_hook,
-                                   output_hook=self.output_hook, dtype=self.dtype)
-        keep = keep_mask(ids, mask).to(x.device)
-        return x[keep], y[keep]
+        _, x, y = trainable_activations(self.model, ids, mask, self.input_hook, self.output_hook,
+                                        self.dtype)
+        return x, y
 
     def state(self) -> State:
         return self.windows.state()
@@ -491,17 +501,15 @@ def heldout_windows(tokenizer: PreTrainedTokenizerBase, data: DataConfig,
 def window_activations(model: PreTrainedModel, ids: Tensor, mask: Tensor, model_cfg: ModelConfig,
                        data: DataConfig) -> Batch:
     """(x, y) [n, L, d] of the trainable tokens (models.keep_mask) of windows ids/mask [N, T]."""
-    from clt_ray.models import extract_activations, keep_mask
     from clt_ray.models.loading import to_dtype
 
     xs, ys = [], []
     for i in range(0, len(ids), data.lm_batch_size):
-        b_ids, b_mask = ids[i : i + data.lm_batch_size], mask[i : i + data.lm_batch_size]
-        x, y = extract_activations(model, b_ids, b_mask, input_hook=model_cfg.input_hook,
-                                   output_hook=model_cfg.output_hook, dtype=to_dtype(data.dtype))
-        keep = keep_mask(b_ids, b_mask).to(x.device)
-        xs.append(x[keep])
-        ys.append(y[keep])
+        _, x, y = trainable_activations(model, ids[i : i + data.lm_batch_size],
+                                        mask[i : i + data.lm_batch_size], model_cfg.input_hook,
+                                        model_cfg.output_hook, to_dtype(data.dtype))
+        xs.append(x)
+        ys.append(y)
     return torch.cat(xs), torch.cat(ys)
 
 

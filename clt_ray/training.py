@@ -371,20 +371,15 @@ class Trainer:
         """From the first n_tokens (default train.init_tokens) tokens of `batches`: the norm scales
         (E‖s·x‖ = √d per layer), b_dec = the mean normalised target, and b_enc so that every
         feature fires on `init_rate` of the tokens. The tokens are consumed from the stream."""
-        n = n_tokens or self.train_cfg.init_tokens
-        xs, ys, got = [], [], 0
-        while got < n:
-            try:
-                x, y = next(batches)
-            except StopIteration:
-                break
-            xs.append(x)
-            ys.append(y)
-            got += len(x)
-        if got < 2:
+        from clt_ray.data import take_tokens
+
+        try:
+            x, y = take_tokens(batches, n_tokens or self.train_cfg.init_tokens)
+        except ValueError:
+            x = torch.empty(0)
+        if len(x) < 2:
             raise ValueError("not enough data to initialise the CLT")
-        x = torch.cat(xs)[:n].to(self.device, torch.float32)
-        y = torch.cat(ys)[:n].to(self.device, torch.float32)
+        x, y = x.to(self.device, torch.float32), y.to(self.device, torch.float32)
         model = self.model
         if normalize:
             model.set_norm_scales(x, y)

@@ -80,3 +80,16 @@ def tiny_lm_dir(tmp_path_factory):
     lm.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster, and on a shared 2-core machine much faster
+    (OpenMP threads spin while waiting for a core). Modules opt in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

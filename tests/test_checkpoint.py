@@ -28,14 +28,7 @@ from clt_ray.training import OptimConfig, make_optimizer
 
 L, D, F = 3, 8, 10
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and on a shared 2-core machine much faster
-    (OpenMP threads spin while waiting for a core)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

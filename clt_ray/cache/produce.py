@@ -19,7 +19,13 @@ from tqdm.auto import tqdm
 from clt_ray.cache.block import encode_block
 from clt_ray.cache.store import CacheWriter, Manifest, load_manifest
 from clt_ray.config import DataConfig, ModelConfig
-from clt_ray.data import TokenWindows, _pad_id, make_documents, pad_windows
+from clt_ray.data import (
+    TokenWindows,
+    _pad_id,
+    make_documents,
+    pad_windows,
+    trainable_activations,
+)
 from clt_ray.quant import channel_scales
 
 
@@ -27,17 +33,12 @@ def file_name(slice_index: int, k: int) -> str:
     return f"part-{slice_index:03d}-{k:06d}.arrows"
 
 
-def window_block(lm: Any, rows: list[list[int]], pad_id: int, model_cfg: ModelConfig,
-                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(token ids [n], x, y [n, L, d]) of the trainable tokens of `rows` (BOS and padding
-    dropped, as in training)."""
-    from clt_ray.models import extract_activations, keep_mask
-
+def window_block(lm: Any, rows: list[list[int]], pad_id: int, model_cfg: ModelConfig
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(token ids [n], x, y [n, L, d]) of the trainable tokens of `rows`, on the CPU."""
     ids, mask = pad_windows(rows, pad_id)
-    x, y = extract_activations(lm, ids, mask, input_hook=model_cfg.input_hook,
-                               output_hook=model_cfg.output_hook, dtype=dtype)
-    keep = keep_mask(ids, mask)
-    return ids[keep], x[keep.to(x.device)].cpu(), y[keep.to(y.device)].cpu()
+    ids, x, y = trainable_activations(lm, ids, mask, model_cfg.input_hook, model_cfg.output_hook)
+    return ids, x.cpu(), y.cpu()
 
 
 def slice_windows(windows: TokenWindows, slice_index: int, n_slices: int,
