@@ -67,10 +67,17 @@ def toy_build(arch: str, cache_dir: Path | None) -> None:
 @click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("runs/demo-gpt2"), show_default=True,
               help="Where the demo CLT run goes (replaced on every demo).")
-def demo(cache_dir: Path | None, run_dir: Path) -> None:
-    """Run the pipeline on the toy world: build (or reuse) the toy models and score them, then
-    train a CLT on the toy GPT-2 with examples/toy.yaml's settings and report held-out EV, L0,
-    dead features and the CE/KL change when it replaces the MLPs."""
+@click.option("--activations", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("runs/demo-activations"), show_default=True,
+              help="The demo's activation cache (int8, kept: a second demo reuses it).")
+@click.option("--producers", type=click.IntRange(min=1), default=2, show_default=True,
+              help="CacheProducer actors that write the activation cache.")
+def demo(cache_dir: Path | None, run_dir: Path, activations: Path, producers: int) -> None:
+    """Run the pipeline on the toy world: build (or reuse) the toy models and score them, cache
+    the toy GPT-2's activations with Ray producers, train a CLT from that cache with
+    examples/toy.yaml's settings and report held-out EV, L0, dead features and the CE/KL change
+    when it replaces the MLPs."""
+    from clt_ray.actors.cache_producer import cache_on_ray, ensure_ray
     from clt_ray.config import toy_config
     from clt_ray.toy import build_toy_model
     from clt_ray.training import format_metrics, train_from_config
@@ -81,8 +88,17 @@ def demo(cache_dir: Path | None, run_dir: Path) -> None:
     for arch in ARCHS:
         _report_toy(build_toy_model(arch, cache_dir=cache_dir))
     _clear_demo_run(run_dir)
-    click.echo(f"\ntraining a CLT on toy:gpt2 (examples/toy.yaml settings)\n  run dir: {run_dir}")
     cfg = toy_config("gpt2")
+    tokens = cfg.train.steps * cfg.train.batch_size + cfg.train.init_tokens
+    click.echo(f"\ncaching {tokens:,} tokens of toy:gpt2 activations (int8) with {producers} "
+               f"producers on Ray\n  cache: {activations}")
+    ensure_ray()
+    cache_on_ray(cfg.model, cfg.data, str(activations), tokens=tokens, producers=producers,
+                 bits=8, zstd_level=1, log=click.echo)
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(
+        update={"source": "cache", "cache": str(activations)})})
+    click.echo(f"\ntraining a CLT on toy:gpt2 from the cache (examples/toy.yaml settings)\n"
+               f"  run dir: {run_dir}")
     result = train_from_config(cfg, run_dir, log=click.echo)
     click.echo(f"CLT after {result.step} steps ({result.seconds:.0f} s), held-out:")
     click.echo(format_metrics(result.metrics, cfg.train.dead_after_tokens))
@@ -131,8 +147,10 @@ def _newest_run(config_path: Path) -> Path:
               help="Override train.steps (the run's total steps; schedules stretch to it).")
 @click.option("--resume", is_flag=True,
               help="Continue the run folder's latest checkpoint exactly where it stopped.")
+@click.option("--address", default=None, help="Ray cluster address for `data.source: producers` "
+              "(default: a running local Ray, else a new one).")
 def train(config_path: Path | None, run_dir: Path | None, steps: int | None,
-          resume: bool) -> None:
+          resume: bool, address: str | None) -> None:
     """Train a CLT in this process (Ctrl-C: finish the step, checkpoint, stop; --resume goes on).
 
     Writes run_dir/config.yaml, metrics.jsonl (every train.log_every steps and every eval),
@@ -163,7 +181,19 @@ def train(config_path: Path | None, run_dir: Path | None, steps: int | None,
     if cfg.cache_dir is not None:
         os.environ["CLT_RAY_CACHE"] = str(cfg.cache_dir)
     click.echo(f"run dir: {run_dir}")
-    result = train_from_config(cfg, run_dir, resume=resume, log=click.echo)
+    blocks = None
+    if cfg.data.source == "producers":
+        from clt_ray.actors.cache_producer import ProducerBlocks, ensure_ray
+        from clt_ray.training import check_config
+
+        check_config(cfg)  # before Ray starts
+        ensure_ray(address)
+        blocks = ProducerBlocks(cfg.model, cfg.data)
+    try:
+        result = train_from_config(cfg, run_dir, resume=resume, log=click.echo, blocks=blocks)
+    finally:
+        if blocks is not None:
+            blocks.close()
     click.echo(f"{'stopped' if result.step < cfg.train.steps else 'finished'} at step "
                f"{result.step} of {cfg.train.steps} in {result.seconds:.0f} s; held-out:")
     click.echo(format_metrics(result.metrics, cfg.train.dead_after_tokens))
@@ -180,22 +210,42 @@ def train(config_path: Path | None, run_dir: Path | None, steps: int | None,
 @click.option("--zstd", "zstd_level", type=click.IntRange(0, 22), default=1, show_default=True,
               help="zstd level of the files (0: uncompressed).")
 @click.option("--windows-per-file", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--producers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="CacheProducer actors on Ray, each caching its own slice of the documents.")
+@click.option("--cpus-per-producer", type=click.FloatRange(min=0.01), default=None,
+              help="Default: one GPU each when the cluster has enough, else an equal share of "
+              "its CPUs.")
+@click.option("--address", default=None,
+              help="Ray cluster address (default: a running local Ray, else a new one).")
+@click.option("--in-process", is_flag=True, help="Run the model in this process, without Ray.")
 def cache(config_path: Path, out: str, tokens: int, bits: str, zstd_level: int,
-          windows_per_file: int) -> None:
-    """Write an activation cache by running the model over the config's corpus, in this process.
-    Run it again to resume: finished files are kept. Train from it with `data.source: cache`."""
-    from clt_ray.cache.produce import write_cache
+          windows_per_file: int, producers: int, cpus_per_producer: float | None,
+          address: str | None, in_process: bool) -> None:
+    """Write an activation cache by running the model over the config's corpus: `--producers`
+    Ray actors, each on its own slice of the documents. Run it again to resume: finished files are
+    kept. Train from it with `data.source: cache`."""
     from clt_ray.config import load_config
-    from clt_ray.models import load_model
     from clt_ray.training import check_config
 
     cfg = load_config(config_path)
     if cfg.cache_dir is not None:
         os.environ["CLT_RAY_CACHE"] = str(cfg.cache_dir)
     check_config(cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": "lm"})}))
-    lm, tokenizer = load_model(cfg.model)
-    write_cache(lm, tokenizer, cfg.data, cfg.model, out, tokens=tokens, bits=int(bits),
-                zstd_level=zstd_level or None, windows_per_file=windows_per_file, log=click.echo)
+    common = {"tokens": tokens, "bits": int(bits), "zstd_level": zstd_level or None,
+              "windows_per_file": windows_per_file, "log": click.echo}
+    if in_process:
+        if producers != 1:
+            raise click.UsageError("--in-process runs one producer; drop --producers")
+        from clt_ray.cache.produce import write_cache
+        from clt_ray.models import load_model
+
+        lm, tokenizer = load_model(cfg.model)
+        write_cache(lm, tokenizer, cfg.data, cfg.model, out, **common)
+        return
+    from clt_ray.actors.cache_producer import cache_on_ray, ensure_ray
+
+    ensure_ray(address)
+    cache_on_ray(cfg.model, cfg.data, out, producers=producers, cpus=cpus_per_producer, **common)
 
 
 @cli.command("eval")
@@ -271,3 +321,7 @@ def main() -> None:
             raise
         click.echo(f"Error: {exc}", err=True)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -145,20 +145,28 @@ class CLTSection(StrictModel):
 class DataConfig(StrictModel):
     """The `data:` section: where training activations come from."""
 
-    source: Literal["lm", "cache"] = "lm"
+    source: Literal["lm", "cache", "producers"] = "lm"
     """`lm`: run the model in this process over a token stream; `cache`: read the activation
-    cache at `data.cache` (written by `clt-ray cache`). Held-out data always comes from the model."""
+    cache at `data.cache` (written by `clt-ray cache`); `producers`: `data.producers` CacheProducer
+    actors on Ray stream quantised blocks through the object store. Held-out data always comes
+    from the model in the trainer's process."""
     cache: str | None = None
     """The activation cache (local path or URI) when `source: cache`."""
     cache_order: Literal["shuffled", "written"] = "shuffled"
     """`shuffled`: the cache's files in a seeded order each epoch (then the shuffle buffer);
     `written`: in the order they were written, which replays the live stream exactly when the
     files hold `lm_batch_size` windows each (`clt-ray cache --windows-per-file`)."""
+    producers: PositiveInt = 1
+    """CacheProducer actors when `source: producers` (each runs the model on its own slice)."""
+    stream_bits: Literal[8, 4, 2] = 8
+    """Quantisation of the blocks streamed by producers."""
+    backpressure: PositiveInt = 4
+    """Blocks a producer may run ahead of the trainer (Ray's generator backpressure)."""
     corpus: str = "toy"
-    """`toy` (the synthetic toy corpus), a local .txt/.jsonl file or folder of them, or
-    `hf:<dataset>[:<config>]` (Hugging Face datasets, streamed; needs network)."""
+    """`toy` (the synthetic toy corpus), a local .txt/.jsonl/.parquet file or folder of
+    them, or `hf:<dataset>[:<config>]` (Hugging Face datasets, streamed; needs network)."""
     text_field: str = "text"
-    """The text column of .jsonl / Hugging Face corpora."""
+    """The text column of .jsonl / Parquet / Hugging Face corpora."""
     split: str = "train"
     """Hugging Face split for training; held-out documents are a deterministic 1-in-N subset."""
     context_size: PositiveInt = 128

@@ -22,6 +22,7 @@ context_size − 1 tokens of one document; a document's last, shorter window is 
 
 from __future__ import annotations
 
+import itertools
 import json
 from abc import ABC, abstractmethod
 from collections import deque
@@ -74,6 +75,9 @@ class ActivationSource(ABC):
 
 class BlockStream(ABC):
     """Blocks (x, y) [n, L, d] (n may vary) in a fixed order, resumable at block boundaries."""
+
+    def close(self) -> None:
+        """Release resources (files, actors); the default has none."""
 
     def __iter__(self) -> BlockStream:
         return self
@@ -210,6 +214,9 @@ class ShuffledSource(ActivationSource):
         index, start = self._chunk
         return {"chunk": index, "start": start, "offset": self._offset}
 
+    def close(self) -> None:
+        self.blocks.close()
+
     def restore(self, state: State) -> None:
         self.blocks.restore(state["start"])
         self._next_chunk, self._chunk = int(state["chunk"]), None
@@ -258,27 +265,37 @@ def _split_filter(raw: Iterator[str], first_raw: int, every: int, heldout: bool)
             yield doc
 
 
+TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
+
+
 class FileDocuments(Documents):
-    """Local text: a .txt file is one document, a .jsonl line is one (its `text_field`); a folder
-    means every .txt/.jsonl under it, in sorted order. Every `every`-th document is held out."""
+    """Local text: a .txt file is one document, a .jsonl line or a Parquet row is one (its
+    `text_field`); a folder means every such file under it, in sorted order. Every `every`-th
+    document is held out."""
 
     def __init__(self, path: str | Path, text_field: str, every: int, heldout: bool) -> None:
         root = Path(path).expanduser()
         if root.is_dir():
-            files = sorted(p for p in root.rglob("*") if p.suffix in (".txt", ".jsonl"))
+            files = sorted(p for p in root.rglob("*") if p.suffix in TEXT_SUFFIXES)
         elif root.is_file():
             files = [root]
         else:
             raise ConfigError(f"data.corpus: {root} is neither 'toy', 'hf:<name>' nor an existing "
                               "file or folder")
-        if not files or any(p.suffix not in (".txt", ".jsonl") for p in files):
-            raise ConfigError(f"data.corpus: {root} holds no .txt or .jsonl files")
+        if not files or any(p.suffix not in TEXT_SUFFIXES for p in files):
+            raise ConfigError(f"data.corpus: {root} holds no .txt, .jsonl or .parquet files")
+        for p in files:
+            if p.suffix == ".parquet":
+                _check_parquet_column(p, text_field)
         self.files, self.text_field, self.every, self.heldout = files, text_field, every, heldout
 
     def _raw(self) -> Iterator[str]:
         for path in self.files:
             if path.suffix == ".txt":
                 yield path.read_text()
+                continue
+            if path.suffix == ".parquet":
+                yield from _parquet_texts(path, self.text_field)
                 continue
             with path.open() as f:
                 for n, line in enumerate(f, 1):
@@ -295,6 +312,42 @@ class FileDocuments(Documents):
         for _ in range(raw_index):
             next(raw, None)
         return _split_filter(raw, raw_index, self.every, self.heldout)
+
+
+def _check_parquet_column(path: Path, text_field: str) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise ConfigError(f"data.corpus: {path} is not a readable Parquet file ({exc})") from None
+    if text_field not in schema.names:
+        raise ConfigError(f"data.corpus: {path} has no column {text_field!r} (data.text_field); "
+                          f"its columns: {', '.join(schema.names)}")
+
+
+def _parquet_texts(path: Path, text_field: str) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024, columns=[text_field]):
+        yield from (t or "" for t in batch.column(0).to_pylist())  # null: an empty document
+
+
+class SlicedDocuments(Documents):
+    """Documents i, i + n, i + 2n, … of another sequence: one producer's slice. Windows never
+    cross documents, so slices by document are disjoint and together cover every window."""
+
+    def __init__(self, docs: Documents, slice_index: int, n_slices: int) -> None:
+        if not 0 <= slice_index < n_slices:
+            raise ValueError(f"slice {slice_index} is not in [0, {n_slices})")
+        self.docs, self.slice_index, self.n_slices = docs, slice_index, n_slices
+
+    def iter_from(self, index: int) -> Iterator[str]:
+        if self.n_slices == 1:
+            return self.docs.iter_from(index)
+        start = index * self.n_slices + self.slice_index
+        return itertools.islice(self.docs.iter_from(start), 0, None, self.n_slices)
 
 
 class HFDocuments(Documents):

@@ -66,7 +66,7 @@ from clt_ray.losses import (
 )
 
 if TYPE_CHECKING:
-    from clt_ray.data import ActivationSource
+    from clt_ray.data import ActivationSource, BlockStream
 
 ReduceSum = Callable[[Tensor], Tensor]
 T = TypeVar("T")
@@ -686,19 +686,32 @@ def train_from_config(
     resume: bool = False,
     log: Callable[[str], None] = print,
     splice: bool = True,
+    blocks: BlockStream | None = None,
 ) -> RunResult:
     """Train the CLT a config describes, in this process, into `run_dir` (config.yaml,
     metrics.jsonl, checkpoints/, summary.json). resume=True continues the run's latest checkpoint
     exactly (same floats as an uninterrupted run). Returns the final held-out metrics
-    (metrics.evaluate; splice=True adds the CE/KL of the CLT spliced into the model)."""
+    (metrics.evaluate; splice=True adds the CE/KL of the CLT spliced into the model).
+    `blocks`: the training stream of `data.source: producers`, built by the Ray layer
+    (actors.cache_producer.ProducerBlocks); closed when training ends."""
     from clt_ray import metrics
     from clt_ray.config import ConfigError, dump_config
-    from clt_ray.data import heldout_windows, lm_source, split_batches, window_activations
+    from clt_ray.data import (
+        ShuffledSource,
+        heldout_windows,
+        lm_source,
+        split_batches,
+        window_activations,
+    )
     from clt_ray.models import load_model
 
     start_time = time.monotonic()
     run_dir = Path(run_dir)
     clt_cfg = check_config(cfg)
+    if (cfg.data.source == "producers") != (blocks is not None):
+        raise ConfigError("data.source 'producers' streams from Ray actors: train it with "
+                          "`clt-ray train` (or pass blocks=ProducerBlocks(...)); other sources "
+                          "take no blocks")
     ckpt = prepare_run_dir(run_dir, resume)
     if ckpt is not None:
         saved = CLTConfig.model_validate(json.loads((ckpt / "manifest.json").read_text())["clt"])
@@ -712,10 +725,10 @@ def train_from_config(
     device = torch.device(cfg.train.device or cfg.model.device)
     if cfg.data.source == "cache":
         from clt_ray.cache.store import CacheBlocks
-        from clt_ray.data import ShuffledSource
 
         blocks = CacheBlocks(cfg.data.cache, seed=cfg.data.seed,
                              shuffle_files=cfg.data.cache_order == "shuffled")
+    if blocks is not None:
         source = ShuffledSource(blocks,
                                 cfg.train.batch_size, cfg.data.shuffle_buffer, seed=cfg.data.seed)
     else:
@@ -736,7 +749,10 @@ def train_from_config(
         trainer = Trainer.resume(ckpt, device=device, **common)
         truncate_metrics(run_dir, trainer.step)
         log(f"resuming {ckpt} at step {trainer.step} of {trainer.total_steps}")
-    trainer.fit(source)
+    try:
+        trainer.fit(source)
+    finally:
+        source.close()
 
     counters = trainer.state.tokens_since_fired
     clt = trainer.model

@@ -69,19 +69,39 @@ def test_cache_holds_exactly_the_source_tokens_and_resumes(tiny_lm_dir, tmp_path
     assert cached_token_ids(resumed) == expected
 
 
-def test_slices_are_disjoint_and_cover_the_stream(tiny_lm_dir, tmp_path: Path):
+def test_slices_are_disjoint_and_cover_the_documents(tiny_lm_dir):
+    """Slice i of n is documents i, i + n, …: no window in two slices, every window in one."""
+    from clt_ray.cache.block import read_block_table
+    from clt_ray.cache.produce import produce_blocks
+
     cfg = config(tiny_lm_dir)
     lm, tok = load_model(cfg.model)
-    uris = [str(tmp_path / f"s{i}") for i in range(2)]
-    for i, uri in enumerate(uris):
-        write_cache(lm, tok, cfg.data, cfg.model, uri, tokens=160, windows_per_file=5,
-                    slice_index=i, n_slices=2, progress=False, log=lambda s: None)
-    windows = source_token_ids(cfg, tok, 20)
-    groups = [[t for w in windows[g * 5:(g + 1) * 5] for t in w] for g in range(4)]
-    assert cached_token_ids(uris[0]) == groups[0] + groups[2]
-    assert cached_token_ids(uris[1]) == groups[1] + groups[3]
-    with pytest.raises(ValueError, match="slice_index 2 is not in"):
-        write_cache(lm, tok, cfg.data, cfg.model, uris[0], tokens=10, slice_index=2, n_slices=2)
+    docs = make_documents(cfg.data, heldout=False)
+    texts = list(itertools.islice(docs.iter_from(0), 12))
+    expected = []
+    for i in range(3):  # the windows of documents i, i + 3, …, in order
+        mine = [t for j, t in enumerate(texts) if j % 3 == i]
+        rows = [w[1:] for w in TokenWindows(_Listed(mine), tok, cfg.data.context_size)]
+        expected.append([t for w in rows for t in w])
+    for i in range(3):
+        got = []
+        for name, block in produce_blocks(lm, tok, cfg.data, cfg.model, bits=8, zstd_level=None,
+                                          windows_per_file=3, scales=None, slice_index=i,
+                                          n_slices=3, tokens=len(expected[i])):
+            assert name.startswith(f"part-{i:03d}-")
+            got += read_block_table(block)[0].column("token_id").to_pylist()
+        assert got[: len(expected[i])] == expected[i]
+    with pytest.raises(ValueError, match="slice 3 is not in"):
+        next(produce_blocks(lm, tok, cfg.data, cfg.model, bits=8, zstd_level=None,
+                            windows_per_file=3, scales=None, slice_index=3, n_slices=3))
+
+
+class _Listed:
+    def __init__(self, texts):
+        self.texts = texts
+
+    def iter_from(self, index):
+        return iter(self.texts[index:])
 
 
 def test_train_from_the_cache_and_refuse_a_mismatched_one(tiny_lm_dir, tmp_path: Path):

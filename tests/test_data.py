@@ -121,6 +121,45 @@ def test_held_out_documents_are_disjoint_from_training(tmp_path: Path):
     assert next(toy_train.iter_from(3)) == list(zip(range(4), toy_train.iter_from(0)))[3][1]
 
 
+def test_parquet_rows_are_documents_like_jsonl_lines(tmp_path: Path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = [f"doc {i}" for i in range(23)]
+    (tmp_path / "a").mkdir()
+    pq.write_table(pa.table({"id": list(range(10)), "body": texts[:10]}),
+                   tmp_path / "a" / "0.parquet", row_group_size=3)
+    pq.write_table(pa.table({"id": list(range(10, 23)), "body": texts[10:]}),
+                   tmp_path / "a" / "1.parquet")
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text("".join(json.dumps({"body": t}) + "\n" for t in texts))
+    for heldout in (False, True):
+        for start in (0, 4):
+            from_parquet = list(FileDocuments(tmp_path / "a", "body", 5, heldout).iter_from(start))
+            assert from_parquet == list(FileDocuments(jsonl, "body", 5, heldout).iter_from(start))
+    assert len(list(FileDocuments(tmp_path / "a", "body", 5, False).iter_from(0))) == 18
+    with pytest.raises(ConfigError, match=r"0.parquet has no column 'text' \(data.text_field\); "
+                                          "its columns: id, body"):
+        FileDocuments(tmp_path / "a", "text", 5, False)
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet")
+    with pytest.raises(ConfigError, match="bad.parquet is not a readable Parquet file"):
+        FileDocuments(tmp_path / "bad.parquet", "text", 5, False)
+
+
+def test_sliced_documents_are_disjoint_and_cover_every_document(tmp_path: Path):
+    from clt_ray.data import SlicedDocuments
+
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(23)))
+    docs = FileDocuments(path, "text", every=1000, heldout=False)
+    whole = list(docs.iter_from(0))
+    slices = [list(SlicedDocuments(docs, i, 3).iter_from(0)) for i in range(3)]
+    assert slices == [whole[i::3] for i in range(3)]
+    assert list(SlicedDocuments(docs, 1, 3).iter_from(2)) == slices[1][2:]  # resumable
+    with pytest.raises(ValueError, match="slice 3 is not in"):
+        SlicedDocuments(docs, 3, 3)
+
+
 def test_missing_corpus_is_a_config_error(tmp_path: Path):
     with pytest.raises(ConfigError, match="neither"):
         make_documents(DataConfig(corpus=str(tmp_path / "nope")), False)

@@ -69,6 +69,13 @@ class Manifest(StrictModel):
     d_model: int = Field(gt=0)
     bits: Literal[8, 4, 2]
     zstd_level: int | None = None
+    corpus: str | None = None
+    context_size: int | None = None
+    data_seed: int | None = None
+    slices: int = Field(default=1, gt=0)
+    """Producers that wrote it: file part-SSS-KKKKKK holds file K of slice SSS (documents SSS,
+    SSS + slices, …); a resumed cache keeps its slicing."""
+    windows_per_file: int | None = None
     x_channel_scale: list[list[float]] | None = None
     y_channel_scale: list[list[float]] | None = None
     stats: dict[str, list[float]] = Field(default_factory=dict)
@@ -139,22 +146,36 @@ class CacheWriter:
 
     def write(self, name: str, data: bytes) -> CacheFile:
         """Store one encoded block as file `name` and record it in the manifest (both atomic)."""
-        if "/" in name or name == MANIFEST or name.startswith("."):
-            raise ValueError(f"bad cache file name {name!r}")
         if self.has(name):
             raise CacheError(f"{self.uri}/{name} is already in the cache")
-        _, meta = read_block_table(data)
-        if (meta["bits"], meta["layers"], meta["d"]) != (
-                self.manifest.bits, self.manifest.layers, self.manifest.d_model):
-            raise CacheError(f"block {name} is bits={meta['bits']} layers={meta['layers']} "
-                             f"d={meta['d']}; the cache is bits={self.manifest.bits} layers="
-                             f"{self.manifest.layers} d={self.manifest.d_model}")
-        _write_atomic(self.fs, f"{self.root}/{name}", data)
-        entry = CacheFile(name=name, tokens=meta["tokens"], bytes=len(data),
-                          sha256=hashlib.sha256(data).hexdigest())
+        entry = write_block_file(self.fs, self.root, name, data, self.manifest)
+        self.add(entry)
+        return entry
+
+    def add(self, entry: CacheFile) -> None:
+        """Record a file another process wrote (`write_block_file`) in the manifest."""
+        if self.has(entry.name):
+            raise CacheError(f"{self.uri}/{entry.name} is already in the cache")
         self.manifest.files.append(entry)
         self._save()
-        return entry
+
+
+def write_block_file(fs: pafs.FileSystem, root: str, name: str, data: bytes, manifest: Manifest
+                     ) -> CacheFile:
+    """Write one encoded block as cache file `name` (atomically) after checking it matches the
+    cache; the returned entry goes into the manifest (`CacheWriter.add`). Producers on other
+    processes call this, the one manifest writer records what they wrote."""
+    if "/" in name or name == MANIFEST or name.startswith("."):
+        raise ValueError(f"bad cache file name {name!r}")
+    _, meta = read_block_table(data)
+    if (meta["bits"], meta["layers"], meta["d"]) != (manifest.bits, manifest.layers,
+                                                     manifest.d_model):
+        raise CacheError(f"block {name} is bits={meta['bits']} layers={meta['layers']} "
+                         f"d={meta['d']}; the cache is bits={manifest.bits} layers="
+                         f"{manifest.layers} d={manifest.d_model}")
+    _write_atomic(fs, f"{root}/{name}", data)
+    return CacheFile(name=name, tokens=meta["tokens"], bytes=len(data),
+                     sha256=hashlib.sha256(data).hexdigest())
 
 
 def _load_manifest(fs: pafs.FileSystem, root: str, uri: str, missing_ok: bool = False
