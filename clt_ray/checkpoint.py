@@ -37,7 +37,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from clt_ray.clt import CLTConfig, CrossLayerTranscoder
+from clt_ray.clt import CLTConfig, CrossLayerTranscoder, feature_dim
 from clt_ray.config import CltRayError, parse_config
 from clt_ray.fsutil import atomic_dir
 
@@ -146,6 +146,58 @@ def load_adam_moments(optimizer: torch.optim.Optimizer, model: CrossLayerTransco
                                      device=p.device if on_device else "cpu"),
                 **{m: saved[m].to(device=p.device, dtype=p.dtype).clone() for m in MOMENTS},
             }
+
+
+# --- feature shards ---------------------------------------------------------------------------
+
+
+def shard_tensors(model: CrossLayerTranscoder, optimizer: torch.optim.Optimizer,
+                  tokens_since_fired: Tensor) -> dict[str, Tensor]:
+    """A shard's per-feature tensors (parameters, Adam moments, dead counters) by key, in a fixed
+    order: what each shard sends for `join_shards` to build the whole CLT's checkpoint."""
+    _, moments = adam_moments(model, optimizer)
+    out: dict[str, Tensor] = {}
+    for name, p in model.named_parameters():
+        if feature_dim(name) is None:
+            continue
+        out[f"param/{name}"] = p.detach()
+        for m in MOMENTS if moments is not None else ():
+            out[f"{m}/{name}"] = moments[name][m]
+    out["counters/tokens_since_fired"] = tokens_since_fired
+    return out
+
+
+def _key_dim(key: str) -> int:
+    kind, name = key.split("/", 1)
+    return 1 if kind == "counters" else feature_dim(name) or 0
+
+
+@torch.no_grad()
+def join_shards(first: CrossLayerTranscoder, optimizer: torch.optim.Optimizer,
+                parts: list[dict[str, Tensor]], state: TrainingState
+                ) -> tuple[CrossLayerTranscoder, TrainingState]:
+    """The whole CLT and its training state from every shard's `shard_tensors` (in feature
+    order) plus the first shard's module and optimizer (replicated b_dec, scales, Adam step)."""
+    joined = {k: torch.cat([p[k] for p in parts], dim=_key_dim(k)) for k in parts[0]}
+    whole = CrossLayerTranscoder(first.cfg, device=first.b_dec.device, dtype=first.b_dec.dtype)
+    adam_step, first_moments = adam_moments(first, optimizer)
+    moments: dict[str, dict[str, Tensor]] | None = None if first_moments is None else {}
+    for name, p in whole.named_parameters():
+        if feature_dim(name) is None:
+            p.copy_(first.get_parameter(name))
+            if moments is not None and first_moments is not None:
+                moments[name] = dict(first_moments[name])
+            continue
+        p.copy_(joined[f"param/{name}"])
+        if moments is not None:
+            moments[name] = {m: joined[f"{m}/{name}"] for m in MOMENTS}
+    whole.s_in.copy_(first.s_in)
+    whole.s_out.copy_(first.s_out)
+    whole_state = TrainingState(
+        step=state.step, total_steps=state.total_steps, tokens=state.tokens, data=state.data,
+        tokens_since_fired=joined["counters/tokens_since_fired"], rng=state.rng,
+        adam_step=adam_step, moments=moments, extra=state.extra)
+    return whole, whole_state
 
 
 # --- layout ------------------------------------------------------------------------------------

@@ -74,13 +74,14 @@ def toy_build(arch: str, cache_dir: Path | None) -> None:
               help="CacheProducer actors that write the activation cache.")
 def demo(cache_dir: Path | None, run_dir: Path, activations: Path, producers: int) -> None:
     """Run the pipeline on the toy world: build (or reuse) the toy models and score them, cache
-    the toy GPT-2's activations with Ray producers, train a CLT from that cache with
-    examples/toy.yaml's settings and report held-out EV, L0, dead features and the CE/KL change
+    the toy GPT-2's activations with Ray producers, train a CLT from that cache with 2 feature
+    shards on Ray and examples/toy.yaml's settings and report held-out EV, L0, dead features and the CE/KL change
     when it replaces the MLPs."""
     from clt_ray.actors.cache_producer import cache_on_ray, ensure_ray
+    from clt_ray.actors.trainer import train_on_ray
     from clt_ray.config import toy_config
     from clt_ray.toy import build_toy_model
-    from clt_ray.training import format_metrics, train_from_config
+    from clt_ray.training import format_metrics
 
     start = time.monotonic()
     if cache_dir is not None:
@@ -97,9 +98,9 @@ def demo(cache_dir: Path | None, run_dir: Path, activations: Path, producers: in
                  bits=8, zstd_level=1, log=click.echo)
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(
         update={"source": "cache", "cache": str(activations)})})
-    click.echo(f"\ntraining a CLT on toy:gpt2 from the cache (examples/toy.yaml settings)\n"
-               f"  run dir: {run_dir}")
-    result = train_from_config(cfg, run_dir, log=click.echo)
+    click.echo(f"\ntraining a CLT on toy:gpt2 from the cache with 2 feature shards on Ray "
+               f"(examples/toy.yaml settings)\n  run dir: {run_dir}")
+    result = train_on_ray(cfg, run_dir, shards=2, log=click.echo)
     click.echo(f"CLT after {result.step} steps ({result.seconds:.0f} s), held-out:")
     click.echo(format_metrics(result.metrics, cfg.train.dead_after_tokens))
     click.echo(f"  checkpoint: {result.checkpoint}")
@@ -147,16 +148,28 @@ def _newest_run(config_path: Path) -> Path:
               help="Override train.steps (the run's total steps; schedules stretch to it).")
 @click.option("--resume", is_flag=True,
               help="Continue the run folder's latest checkpoint exactly where it stopped.")
-@click.option("--address", default=None, help="Ray cluster address for `data.source: producers` "
-              "(default: a running local Ray, else a new one).")
+@click.option("--shards", type=click.IntRange(min=1), default=None,
+              help="Train on Ray with this many feature shards (one actor each; one GPU each when "
+              "the CLT is on CUDA). Without --shards/--replicas/--address: one process.")
+@click.option("--replicas", type=click.IntRange(min=1), default=None,
+              help="Data-parallel replicas of the shard group (on Ray; default 1).")
+@click.option("--min-shards", type=click.IntRange(min=1), default=None,
+              help="Elastic: restart with as few as this many shards when workers are lost.")
+@click.option("--max-failures", type=click.IntRange(min=0), default=3, show_default=True,
+              help="On Ray: restarts from the last checkpoint after losing a worker or node.")
+@click.option("--address", default=None, help="Ray cluster address (default: a running local "
+              "Ray, else a new one).")
 def train(config_path: Path | None, run_dir: Path | None, steps: int | None,
-          resume: bool, address: str | None) -> None:
-    """Train a CLT in this process (Ctrl-C: finish the step, checkpoint, stop; --resume goes on).
+          resume: bool, shards: int | None, replicas: int | None, min_shards: int | None,
+          max_failures: int, address: str | None) -> None:
+    """Train a CLT, in this process or feature-sharded on Ray (--shards N).
 
     Writes run_dir/config.yaml, metrics.jsonl (every train.log_every steps and every eval),
-    checkpoints/step_<n>/ and summary.json, then prints the held-out EV, L0 and dead features."""
+    checkpoints/step_<n>/ and summary.json, then prints the held-out EV, L0 and dead features.
+    In one process, Ctrl-C finishes the step, checkpoints and stops; --resume goes on. Any
+    checkpoint resumes with any shard count."""
     from clt_ray.config import ConfigError, load_config
-    from clt_ray.training import format_metrics, train_from_config
+    from clt_ray.training import train_from_config
 
     if config_path is None and not (resume and run_dir is not None):
         raise click.UsageError("--config is required (or --resume with --run-dir)")
@@ -181,6 +194,15 @@ def train(config_path: Path | None, run_dir: Path | None, steps: int | None,
     if cfg.cache_dir is not None:
         os.environ["CLT_RAY_CACHE"] = str(cfg.cache_dir)
     click.echo(f"run dir: {run_dir}")
+    sharded = shards is not None or replicas is not None
+    if sharded or (address is not None and cfg.data.source != "producers"):
+        from clt_ray.actors.trainer import train_on_ray
+
+        result = train_on_ray(cfg, run_dir, shards=shards or 1, replicas=replicas or 1,
+                              resume=resume, address=address, max_failures=max_failures,
+                              min_shards=min_shards, log=click.echo)
+        _print_result(cfg, result, run_dir)
+        return
     blocks = None
     if cfg.data.source == "producers":
         from clt_ray.actors.cache_producer import ProducerBlocks, ensure_ray
@@ -194,6 +216,12 @@ def train(config_path: Path | None, run_dir: Path | None, steps: int | None,
     finally:
         if blocks is not None:
             blocks.close()
+    _print_result(cfg, result, run_dir)
+
+
+def _print_result(cfg, result, run_dir: Path) -> None:
+    from clt_ray.training import format_metrics
+
     click.echo(f"{'stopped' if result.step < cfg.train.steps else 'finished'} at step "
                f"{result.step} of {cfg.train.steps} in {result.seconds:.0f} s; held-out:")
     click.echo(format_metrics(result.metrics, cfg.train.dead_after_tokens))

@@ -179,6 +179,14 @@ class CLTOutput:
     dec_norms: Tensor  # ‖W_dec,l,i‖ over all target layers [L, F_local]
 
 
+def feature_dim(param_name: str) -> int | None:
+    """The features' dimension of a parameter: dim 0 of W_dec[l] [F, L − l, d], dim 1 (after
+    layers) of W_enc, b_enc, log_threshold; None for b_dec, which every shard replicates."""
+    if param_name == "b_dec":
+        return None
+    return 0 if param_name.startswith("W_dec") else 1
+
+
 class CrossLayerTranscoder(nn.Module):
     """Features [start, stop) of every layer of a CLT (the whole CLT is [0, n_features))."""
 
@@ -261,10 +269,8 @@ class CrossLayerTranscoder(nn.Module):
         rows = slice(start - self.start, stop - self.start)
         for name, p in part.named_parameters():
             src = self.get_parameter(name)
-            if name == "b_dec":
-                p.copy_(src)
-            else:  # features are dim 0 of W_dec[l], dim 1 (after layers) of the rest
-                p.copy_(src[rows] if name.startswith("W_dec") else src[:, rows])
+            dim = feature_dim(name)
+            p.copy_(src if dim is None else src.narrow(dim, rows.start, rows.stop - rows.start))
         part.s_in.copy_(self.s_in)
         part.s_out.copy_(self.s_out)
         return part

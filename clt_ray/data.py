@@ -515,11 +515,13 @@ def split_batches(x: Tensor, y: Tensor, batch_size: int) -> list[Batch]:
 
 
 def lm_blocks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data: DataConfig,
-              model_cfg: ModelConfig, heldout: bool) -> LMBlocks:
+              model_cfg: ModelConfig, heldout: bool, part: tuple[int, int] = (0, 1)) -> LMBlocks:
+    """The LM over the training (or held-out) documents; part (i, n): only documents i, i + n, …
+    (a data-parallel replica's share)."""
     from clt_ray.models.loading import to_dtype
 
-    windows = TokenWindows(make_documents(data, heldout), tokenizer, data.context_size,
-                           prefetch=data.lm_batch_size)
+    docs = SlicedDocuments(make_documents(data, heldout), *part)
+    windows = TokenWindows(docs, tokenizer, data.context_size, prefetch=data.lm_batch_size)
     return LMBlocks(model, windows, input_hook=model_cfg.input_hook,
                     output_hook=model_cfg.output_hook, lm_batch_size=data.lm_batch_size,
                     dtype=to_dtype(data.dtype), pad_id=_pad_id(tokenizer))

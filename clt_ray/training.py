@@ -77,6 +77,28 @@ def identity_reduce(t: Tensor) -> Tensor:
     return t
 
 
+@dataclass(frozen=True)
+class Collectives:
+    """How one shard of a (possibly data-parallel) shard group talks to the others; the default
+    is one process holding the whole CLT. DESIGN.md §3.
+
+    reduce_sum: Σ over the shards of this replica (the all-reduce of the partial reconstruction).
+    gather: concatenation over those shards along features (TopK/BatchTopK only).
+    replica_mean: averages a list of tensors in place over the replicas of this shard (their
+    gradients: R replicas of batch B equal one of batch R·B).
+    replica_sum: Σ over the replicas of this shard (dead-feature firing, token counts).
+    replicas: the number of replicas."""
+
+    reduce_sum: ReduceSum = identity_reduce
+    gather: Gather | None = None
+    replica_mean: Callable[[list[Tensor]], None] | None = None
+    replica_sum: ReduceSum = identity_reduce
+    replicas: int = 1
+
+
+LOCAL = Collectives()
+
+
 class OptimConfig(StrictModel):
     lr: LRSchedule = LRSchedule()
     betas: tuple[float, float] = (0.9, 0.999)
@@ -120,12 +142,15 @@ def compute_grads(
     reduce_sum: ReduceSum = identity_reduce,
     gather: Gather | None = None,
     max_grad_norm: float | None = None,
+    replica_mean: Callable[[list[Tensor]], None] | None = None,
 ) -> StepResult:
     """Set the shard's .grad to the exact gradient of the global loss, clipped by global norm.
 
     x, y: the raw batch [B, L, d] (every shard gets the same one); normalised here with the model's
     scales. reduce_sum(t) must return Σ over shards of t (it may modify t in place). gather is only
-    needed for TopK/BatchTopK on a shard. Gradients are overwritten, not accumulated.
+    needed for TopK/BatchTopK on a shard. replica_mean (data parallelism) averages the gradients
+    over the replicas of this shard before the global norm is taken. Gradients are overwritten,
+    not accumulated.
     """
     model.zero_grad(set_to_none=True)
     xn, yn = model.normalize(x, y)
@@ -151,6 +176,8 @@ def compute_grads(
 
     with torch.no_grad():
         grads = [p.grad for p in model.parameters() if p.grad is not None and p is not model.b_dec]
+        if replica_mean is not None:
+            replica_mean([*grads, g_b_dec])
         local_sq = torch.stack(torch._foreach_norm(grads)).double().square().sum()
         l0 = (acts > 0).sum(dim=(0, 2)).double() / B
         stats = torch.cat([torch.stack([local_sq, sparsity.double(), preact.double()]), l0])
@@ -183,16 +210,16 @@ def train_step(
     total_steps: int,
     loss_cfg: LossConfig,
     optim_cfg: OptimConfig,
-    reduce_sum: ReduceSum = identity_reduce,
-    gather: Gather | None = None,
+    collectives: Collectives = LOCAL,
 ) -> StepResult:
     """One full update at `step` (0-based): schedules → exact global gradients → Adam."""
     lr = optim_cfg.lr.at(step, total_steps)
     for group in optimizer.param_groups:
         group["lr"] = lr
     lam = loss_cfg.sparsity.at(step, total_steps)
-    result = compute_grads(model, x, y, loss_cfg, lam, reduce_sum=reduce_sum, gather=gather,
-                           max_grad_norm=optim_cfg.max_grad_norm)
+    result = compute_grads(model, x, y, loss_cfg, lam, reduce_sum=collectives.reduce_sum,
+                           gather=collectives.gather, max_grad_norm=optim_cfg.max_grad_norm,
+                           replica_mean=collectives.replica_mean)
     optimizer.step()
     result.lr = lr
     return result
@@ -310,8 +337,11 @@ class Trainer:
         config: Any = None,  # config.Config, saved with checkpoints
         state: TrainingState | None = None,
         log: Callable[[str], None] | None = None,
+        collectives: Collectives = LOCAL,
+        record_sink: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.model, self.loss_cfg, self.optim_cfg, self.train_cfg = model, loss, optim, train
+        self.collectives, self.record_sink = collectives, record_sink
         self.heldout = list(heldout or [])
         self.run_dir = None if run_dir is None else Path(run_dir)
         self.config = config
@@ -407,21 +437,32 @@ class Trainer:
         with self._autocast():
             result = train_step(self.model, self.optimizer, x, y, step=self.state.step,
                                 total_steps=self.total_steps, loss_cfg=self.loss_cfg,
-                                optim_cfg=self.optim_cfg)
+                                optim_cfg=self.optim_cfg, collectives=self.collectives)
+        c = self.collectives
+        fired = result.fired if c.replicas == 1 else c.replica_sum(result.fired.to(torch.int32)) > 0
+        tokens = x.shape[0] * c.replicas
         counters = self.state.tokens_since_fired
         assert counters is not None
-        counters += x.shape[0]
-        counters.masked_fill_(result.fired, 0)
+        counters += tokens
+        counters.masked_fill_(fired, 0)
         self.state.step += 1
-        self.state.tokens += x.shape[0]
+        self.state.tokens += tokens
         return result
 
     def dead(self) -> dict[str, Any]:
         from clt_ray.metrics import dead_features
 
         assert self.state.tokens_since_fired is not None
-        return dead_features(self.state.tokens_since_fired,
-                             window=self.train_cfg.dead_after_tokens)
+        local = dead_features(self.state.tokens_since_fired,
+                              window=self.train_cfg.dead_after_tokens)
+        if self.model.is_whole:
+            return local
+        counts = self.collectives.reduce_sum(torch.tensor(
+            [local["n_features"], *local["dead_per_layer"]], dtype=torch.float64,
+            device=self.device))
+        per_layer = [int(v) for v in counts[1:].tolist()]
+        return {"dead": sum(per_layer), "dead_per_layer": per_layer,
+                "n_features": int(counts[0]), "dead_fraction": sum(per_layer) / float(counts[0])}
 
     # --- evaluation ----------------------------------------------------------------------------
 
@@ -435,14 +476,18 @@ class Trainer:
         model = self.model
         out: dict[str, Any] = {}
         if batches:
+            reduce_sum = self.collectives.reduce_sum
             stats = ReconstructionStats(model.cfg.n_layers, model.n_local)
             for x, y in batches:
                 x, y = x.to(self.device, torch.float32), y.to(self.device, torch.float32)
                 xn, _ = model.normalize(x)
-                _, acts = model.encode(xn)
-                y_hat = model.decode(acts) / model.s_out[:, None]
-                stats.update(y, y_hat, acts)
+                _, acts = model.encode(xn, self.collectives.gather)
+                y_hat = reduce_sum(model.decode(acts, bias=False)) + model.b_dec
+                stats.update(y, y_hat / model.s_out[:, None], acts)
             res = stats.result()
+            if not model.is_whole:  # L0 counts this shard's features: sum over shards
+                res["l0"] = reduce_sum(torch.tensor(res["l0"], dtype=torch.float64)).tolist()
+                res["l0_total"] = sum(res["l0"])
             out = {"explained_variance": res["explained_variance"],
                    "ev_mean": sum(res["explained_variance"]) / model.cfg.n_layers,
                    "nmse": res["nmse"], "l0": res["l0"],
@@ -457,7 +502,9 @@ class Trainer:
 
     def _record(self, kind: str, values: dict[str, Any]) -> None:
         rec = {"kind": kind, "step": self.state.step, "tokens": self.state.tokens, **values}
-        if self.run_dir is not None:
+        if self.record_sink is not None:  # e.g. a Ray shard: the driver writes metrics.jsonl
+            self.record_sink(rec)
+        elif self.run_dir is not None:
             with (self.run_dir / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps(rec) + "\n")
         if self._tb is not None:
@@ -679,6 +726,23 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> Path | None:
     return None
 
 
+def open_run(cfg: Any, run_dir: Path, resume: bool) -> tuple[CLTConfig, Path | None]:
+    """Check the config, prepare the run folder (config.yaml) and find the checkpoint to resume
+    (which must hold the CLT the config describes): (the CLT config, the checkpoint or None)."""
+    from clt_ray.config import ConfigError, dump_config
+
+    clt_cfg = check_config(cfg)
+    ckpt = prepare_run_dir(run_dir, resume)
+    if ckpt is not None:
+        saved = CLTConfig.model_validate(json.loads((ckpt / "manifest.json").read_text())["clt"])
+        if saved != clt_cfg:
+            raise ConfigError(f"the checkpoint {ckpt} holds a CLT {saved.model_dump()}, but the "
+                              f"config describes {clt_cfg.model_dump()}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, run_dir / "config.yaml")
+    return clt_cfg, ckpt
+
+
 def train_from_config(
     cfg: Any,
     run_dir: str | os.PathLike[str],
@@ -694,8 +758,7 @@ def train_from_config(
     (metrics.evaluate; splice=True adds the CE/KL of the CLT spliced into the model).
     `blocks`: the training stream of `data.source: producers`, built by the Ray layer
     (actors.cache_producer.ProducerBlocks); closed when training ends."""
-    from clt_ray import metrics
-    from clt_ray.config import ConfigError, dump_config
+    from clt_ray.config import ConfigError
     from clt_ray.data import (
         ShuffledSource,
         heldout_windows,
@@ -707,19 +770,11 @@ def train_from_config(
 
     start_time = time.monotonic()
     run_dir = Path(run_dir)
-    clt_cfg = check_config(cfg)
     if (cfg.data.source == "producers") != (blocks is not None):
         raise ConfigError("data.source 'producers' streams from Ray actors: train it with "
                           "`clt-ray train` (or pass blocks=ProducerBlocks(...)); other sources "
                           "take no blocks")
-    ckpt = prepare_run_dir(run_dir, resume)
-    if ckpt is not None:
-        saved = CLTConfig.model_validate(json.loads((ckpt / "manifest.json").read_text())["clt"])
-        if saved != clt_cfg:
-            raise ConfigError(f"the checkpoint {ckpt} holds a CLT {saved.model_dump()}, but the "
-                              f"config describes {clt_cfg.model_dump()}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, run_dir / "config.yaml")
+    clt_cfg, ckpt = open_run(cfg, run_dir, resume)
 
     lm, tokenizer = load_model(cfg.model)
     device = torch.device(cfg.train.device or cfg.model.device)
@@ -754,24 +809,34 @@ def train_from_config(
     finally:
         source.close()
 
-    counters = trainer.state.tokens_since_fired
-    clt = trainer.model
+    return finish_run(cfg, run_dir, trainer.model, trainer.state, lm=lm, tokenizer=tokenizer,
+                      start_time=start_time, splice=splice, interrupted=trainer.interrupted)
+
+
+def finish_run(cfg: Any, run_dir: Path, clt: CrossLayerTranscoder, state: TrainingState, *,
+               lm: Any, tokenizer: Any, start_time: float, splice: bool = True,
+               interrupted: bool = False) -> RunResult:
+    """The end of a run (one process or Ray): the final held-out evaluation of the whole CLT
+    (with the splice CE/KL), summary.json, and the RunResult."""
+    from clt_ray import metrics
+    from clt_ray.checkpoint import list_checkpoints
+    from clt_ray.data import heldout_windows
+
+    ids, mask = heldout_windows(tokenizer, cfg.data)
     lm_device = next(lm.parameters()).device
     if clt.b_dec.device != lm_device:  # the splice needs the CLT beside the model
         clt = copy.deepcopy(clt).to(lm_device)
     final = metrics.evaluate(clt, lm, ids, attention_mask=mask,
                              input_hook=cfg.model.input_hook, output_hook=cfg.model.output_hook,
                              batch_size=cfg.data.lm_batch_size, splice=splice,
-                             fired_counters=counters, dead_window=cfg.train.dead_after_tokens)
+                             fired_counters=state.tokens_since_fired,
+                             dead_window=cfg.train.dead_after_tokens)
     seconds = time.monotonic() - start_time
-    summary = {"step": trainer.step, "total_steps": trainer.total_steps,
-               "tokens": trainer.state.tokens, "seconds": round(seconds, 1),
-               "interrupted": trainer.interrupted, **final}
+    summary = {"step": state.step, "total_steps": state.total_steps, "tokens": state.tokens,
+               "seconds": round(seconds, 1), "interrupted": interrupted, **final}
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
-    from clt_ray.checkpoint import list_checkpoints
-
     found = list_checkpoints(run_dir)
-    return RunResult(run_dir, trainer.step, final, seconds, found[-1] if found else None)
+    return RunResult(run_dir, state.step, final, seconds, found[-1] if found else None)
 
 
 def format_metrics(m: dict[str, Any], dead_after_tokens: int | None = None) -> str:

@@ -16,6 +16,7 @@ from clt_ray.losses import (
     tanh_sparsity,
 )
 from clt_ray.training import (
+    Collectives,
     LocalGroup,
     OptimConfig,
     compute_grads,
@@ -122,7 +123,8 @@ def test_split_adam_steps_reproduce_whole_weights(activation, k, ranges):
     def run(m, red, gat):
         opt = make_optimizer(m, optim)
         return [train_step(m, opt, x * (1 + 0.1 * t), y, step=t, total_steps=total,
-                           loss_cfg=LOSS, optim_cfg=optim, reduce_sum=red, gather=gat)
+                           loss_cfg=LOSS, optim_cfg=optim,
+                           collectives=Collectives(reduce_sum=red, gather=gat))
                 for t in range(total)]
 
     ref = run(whole, lambda t: t, None)

@@ -224,15 +224,25 @@ class CacheBlocks(BlockStream):
     """The cache's blocks as (x, y) [n, L, d] in `dtype`: every file once per epoch, in an order
     seeded by (seed, epoch), or with shuffle_files=False in the order they were written (then a
     cache whose files hold `lm_batch_size` windows replays the live LM stream block for block);
-    endless unless `epochs` is given. Resumable at file boundaries."""
+    endless unless `epochs` is given. Resumable at file boundaries. part (i, n): every n-th file
+    from the i-th only (a data-parallel replica's share)."""
 
     def __init__(self, uri: str, *, seed: int = 0, epochs: int | None = None,
                  shuffle_files: bool = True, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu") -> None:
+                 device: str | torch.device = "cpu", part: tuple[int, int] = (0, 1)) -> None:
         self.uri = uri
         self.fs, self.root, self.manifest = open_cache(uri)
         if not self.manifest.files:
             raise CacheError(f"{uri}: the cache holds no files yet")
+        i, n = part
+        if n > 1:  # a data-parallel replica reads every n-th file (in name order) only
+            names = sorted(f.name for f in self.manifest.files)[i::n]
+            if not names:
+                raise CacheError(f"{uri}: {len(self.manifest.files)} files cannot be shared by "
+                                 f"{n} replicas")
+            keep = set(names)
+            self.manifest = self.manifest.model_copy(
+                update={"files": [f for f in self.manifest.files if f.name in keep]})
         self.seed, self.epochs, self.dtype, self.device = seed, epochs, dtype, device
         self.shuffle_files = shuffle_files
         self.x_scale = self.manifest.channel_scale("x")

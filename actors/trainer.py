@@ -1,0 +1,181 @@
+"""The driver of feature-sharded training on Ray (DESIGN.md §3): placement of the shard group (a
+Ray Train `TorchTrainer`, one FeatureShard per worker), progress and metrics on the driver,
+checkpoints in the run folder, failure recovery and elastic restarts. Every computation is in
+`clt_ray`; the workers run `actors.shard_trainer.shard_loop`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import ray
+from clt_ray.actors.cache_producer import ensure_ray
+from clt_ray.actors.shard_trainer import check_shards, shard_loop
+from tqdm.auto import tqdm
+
+from clt_ray.config import ConfigError
+from clt_ray.training import RunResult, finish_run, open_run
+
+# Ray Train waits this long for a worker group to start; its 60 s default made elastic restarts
+# take ~70 s on a stale resource view (DESIGN.md §3).
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "30")
+
+
+class Progress:
+    """Rank 0 sends its metric records here; the driver drains them into metrics.jsonl."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+
+    def record(self, rec: dict[str, Any]) -> None:
+        self.records.append(rec)
+
+    def take(self) -> list[dict[str, Any]]:
+        out, self.records = self.records, []
+        return out
+
+
+def with_absolute_paths(cfg: Any) -> Any:
+    """The config with local paths (model folder, corpus, cache) made absolute: Ray Train workers
+    run in their own working directory."""
+
+    def absolute(p: str | None) -> str | None:
+        if p is None or "://" in p or p == "toy" or p.startswith(("hf:", "toy:")):
+            return p
+        return str(Path(p).expanduser().resolve()) if Path(p).expanduser().exists() else p
+
+    model = cfg.model.model_copy(update={"name": absolute(cfg.model.name)})
+    data = cfg.data.model_copy(update={"corpus": absolute(cfg.data.corpus),
+                                       "cache": absolute(cfg.data.cache)})
+    return cfg.model_copy(update={"model": model, "data": data})
+
+
+def _wants_gpu(cfg: Any) -> bool:
+    device = cfg.train.device or cfg.model.device
+    return str(device).startswith("cuda")
+
+
+def train_on_ray(cfg: Any, run_dir: str | os.PathLike[str], *, shards: int = 1,
+                 replicas: int = 1, resume: bool = False, address: str | None = None,
+                 max_failures: int = 0, min_shards: int | None = None,
+                 cpus_per_worker: float | None = None, splice: bool = True,
+                 log: Callable[[str], None] = print) -> RunResult:
+    """Train the config's CLT with `shards` feature shards × `replicas` data-parallel replicas on
+    Ray into `run_dir` (the same folder layout as `train_from_config`). `max_failures`: restarts
+    from the last checkpoint after a worker or node is lost; `min_shards`: elastic, restart with as
+    few as this many shards per replica when fewer workers can be placed (the checkpoint is
+    resliced)."""
+    from clt_ray.checkpoint import load_checkpoint, resolve_checkpoint
+    from clt_ray.models import load_model
+    from clt_ray.training import check_config
+
+    start_time = time.monotonic()
+    run_dir = Path(run_dir)
+    clt_cfg = check_config(cfg)  # everything checkable before any actor starts
+    if replicas < 1:
+        raise ConfigError(f"replicas must be at least 1, got {replicas}")
+    check_shards(shards, clt_cfg.n_features)
+    if min_shards is not None:
+        if not 1 <= min_shards <= shards:
+            raise ConfigError(f"min_shards {min_shards} is not in [1, {shards}]")
+        for n in range(min_shards, shards + 1):
+            check_shards(n, clt_cfg.n_features)
+    if cfg.data.source == "producers":
+        raise ConfigError("data.source 'producers' with the sharded trainer is not supported yet: "
+                          "cache first (`clt-ray cache`), then train from the cache")
+    use_gpu = _wants_gpu(cfg)
+    ensure_ray(address)
+    workers = shards * replicas
+    resources = ray.cluster_resources()
+    if use_gpu and resources.get("GPU", 0) < workers:
+        raise ConfigError(f"the config puts the CLT on {cfg.train.device or cfg.model.device} but "
+                          f"the Ray cluster has {resources.get('GPU', 0):g} GPUs for {workers} "
+                          "shard workers")
+    if cpus_per_worker is None:
+        cpus_per_worker = max(1.0, math.floor(resources.get("CPU", 1) / workers)) if not use_gpu \
+            else 1.0
+    _, ckpt = open_run(cfg, run_dir, resume)
+    if ckpt is not None:
+        from clt_ray.checkpoint import read_manifest
+        from clt_ray.training import truncate_metrics
+
+        step = read_manifest(ckpt)["step"]
+        truncate_metrics(run_dir, step)
+        log(f"resuming {ckpt} at step {step} of {cfg.train.steps}")
+
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    progress = ray.remote(Progress).options(num_cpus=0).remote()
+    num_workers: int | tuple[int, int] = workers
+    if min_shards is not None and min_shards < shards:
+        num_workers = (min_shards * replicas, workers)
+    trainer = TorchTrainer(
+        shard_loop,
+        train_loop_config={"run": with_absolute_paths(cfg).model_dump(mode="json"),
+                           "replicas": replicas,
+                           "threads": int(cpus_per_worker), "use_gpu": use_gpu,
+                           "progress": progress,
+                           "resume_from": None if ckpt is None else str(ckpt)},
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cpus_per_worker}),
+        run_config=RunConfig(
+            storage_path=str(run_dir.resolve()), name="checkpoints",
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
+    )
+    log(f"shard group: {shards} shard(s) × {replicas} replica(s) = {workers} workers, "
+        f"{'1 GPU' if use_gpu else f'{cpus_per_worker:g} CPU'} each")
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the driver's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=fit, daemon=True)
+    thread.start()
+    bar = tqdm(total=cfg.train.steps, desc="train", unit="step", dynamic_ncols=True,
+               leave=False, disable=not cfg.train.progress)
+    metrics_file = run_dir / "metrics.jsonl"
+    try:
+        while True:
+            alive = thread.is_alive()
+            _drain(progress, metrics_file, bar)
+            if not alive:
+                break
+            time.sleep(0.5)
+    finally:
+        bar.close()
+        ray.kill(progress)
+    if "error" in outcome:
+        raise outcome["error"]
+    latest = resolve_checkpoint(run_dir)
+    clt, state, _ = load_checkpoint(latest)
+    lm, tokenizer = load_model(cfg.model)
+    return finish_run(cfg, run_dir, clt, state, lm=lm, tokenizer=tokenizer,
+                      start_time=start_time, splice=splice)
+
+
+def _drain(progress: Any, metrics_file: Path, bar: Any) -> None:
+    records = ray.get(progress.take.remote())
+    if not records:
+        return
+    with metrics_file.open("a") as f:
+        for rec in records:
+            f.write(json.dumps(rec) + "\n")
+    last = records[-1]
+    bar.n = last["step"]
+    if last["kind"] == "train":
+        bar.set_postfix(loss=f"{last['loss']:.3g}", ev=f"{last['ev_mean']:.3f}",
+                        l0=f"{last['l0_mean']:.1f}", dead=f"{last['dead_fraction']:.1%}",
+                        refresh=False)
+    bar.refresh()

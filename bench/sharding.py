@@ -1,0 +1,138 @@
+"""Benchmark: feature-sharded training steps on Ray against the single-process trainer, side by
+side in one run, at a GPT-2-small-shaped CLT (12 layers, d 768).
+
+Both run `clt_ray.training.train_step` (schedules, exact gradients, clipping, Adam) on the same
+total features and batch. The single process uses all `--threads` threads; each of the N shard
+workers of a Ray Train TorchTrainer holds F/N features with threads/N threads and sums the partial
+reconstructions with the gloo (or NCCL) all-reduce, exactly as `clt-ray train --shards N` does.
+Prints step times, the overhead t_N / t_1 − 1 (goal ≤ 15% at N = 2 on CPU) and the share of the
+sharded step spent in the collectives (the reconstruction all-reduce plus the statistics one).
+
+    python bench/sharding.py                          # N = 2, F = 2048 a layer, B = 256, CPU
+    python bench/sharding.py --shards 2 4 --features 8192 --batch 1024 --gpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import ray
+import torch
+
+from clt_ray.clt import CLTConfig, CrossLayerTranscoder
+from clt_ray.losses import LossConfig
+from clt_ray.training import Collectives, OptimConfig, make_optimizer, train_step
+
+
+def run_steps(model: CrossLayerTranscoder, x: torch.Tensor, y: torch.Tensor, steps: int,
+              collectives: Collectives, sync: Any = None) -> list[float]:
+    loss, optim = LossConfig(preact_coef=1e-3), OptimConfig()
+    opt = make_optimizer(model, optim)
+    times = []
+    for t in range(steps + 2):  # two warm-up steps
+        if sync:
+            sync()
+        start = time.perf_counter()
+        train_step(model, opt, x, y, step=t, total_steps=steps + 2, loss_cfg=loss,
+                   optim_cfg=optim, collectives=collectives)
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        if t >= 2:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def batch(cfg: CLTConfig, B: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    shape = (B, cfg.n_layers, cfg.d_model)
+    return torch.randn(shape, generator=g).to(device), torch.randn(shape, generator=g).to(device)
+
+
+def shard_worker(config: dict[str, Any]) -> None:
+    import torch.distributed as dist
+    from clt_ray.actors.shard_trainer import feature_range, make_collectives
+
+    ctx = ray.train.get_context()
+    rank, n = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(config["threads"])
+    device = ray.train.torch.get_device() if config["gpu"] else torch.device("cpu")
+    cfg = CLTConfig(**config["clt"])
+    start, stop = feature_range(rank, n, cfg.n_features)
+    torch.manual_seed(0)
+    model = CrossLayerTranscoder(cfg, start, stop, device=device)
+    base = make_collectives(rank, n, 1, device)
+    spent = [0.0]
+
+    def timed_sum(t: torch.Tensor) -> torch.Tensor:
+        s = time.perf_counter()
+        out = base.reduce_sum(t)
+        if t.is_cuda:
+            torch.cuda.synchronize()
+        spent[0] += time.perf_counter() - s
+        return out
+
+    x, y = batch(cfg, config["batch"], device)
+    times = run_steps(model, x, y, 2, Collectives(reduce_sum=timed_sum), sync=dist.barrier)
+    spent[0] = 0.0
+    times = run_steps(model, x, y, config["steps"], Collectives(reduce_sum=timed_sum),
+                      sync=dist.barrier)
+    ray.train.report({"step_s": statistics.median(times),
+                      "collective_share": spent[0] / sum(times) / 1.0})
+
+
+def sharded(cfg: CLTConfig, n: int, args: argparse.Namespace) -> dict[str, float]:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    threads = max(1, args.threads // n) if not args.gpu else 1
+    trainer = TorchTrainer(
+        shard_worker,
+        train_loop_config={"clt": cfg.model_dump(), "threads": threads, "gpu": args.gpu,
+                           "batch": args.batch, "steps": args.steps},
+        scaling_config=ScalingConfig(num_workers=n, use_gpu=args.gpu,
+                                     resources_per_worker={"CPU": args.threads / n}),
+        run_config=RunConfig(storage_path="/tmp/clt-ray-bench-sharding"))
+    return trainer.fit().metrics
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--d-model", type=int, default=768)
+    p.add_argument("--features", type=int, default=2048, help="per layer, whole CLT")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--shards", type=int, nargs="+", default=[2])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--gpu", action="store_true")
+    args = p.parse_args()
+    cfg = CLTConfig(n_layers=args.layers, d_model=args.d_model, n_features=args.features,
+                    init_threshold=0.03)
+    ray.init(num_cpus=args.threads if not args.gpu else None, include_dashboard=False,
+             log_to_driver=False)
+    device = torch.device("cuda" if args.gpu else "cpu")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    x, y = batch(cfg, args.batch, device)
+    single = statistics.median(run_steps(CrossLayerTranscoder(cfg, device=device), x, y,
+                                         args.steps, Collectives()))
+    print(f"CLT L {args.layers}, d {args.d_model}, F {args.features} a layer, batch "
+          f"{args.batch}, {'GPU' if args.gpu else f'{args.threads} CPU threads'}; "
+          f"median of {args.steps} steps")
+    print(f"{'':26s} {'step s':>8s} {'overhead':>9s} {'collectives':>12s}")
+    print(f"{'one process':26s} {single:8.3f} {'':>9s} {'':>12s}")
+    for n in args.shards:
+        m = sharded(cfg, n, args)
+        print(f"{f'{n} shards on Ray':26s} {m['step_s']:8.3f} "
+              f"{m['step_s'] / single - 1:+9.1%} {m['collective_share']:12.1%}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Feature-sharded training on Ray (DESIGN.md §3): N shards reproduce one process, checkpoints
+resume with any shard count, data-parallel replicas average to the doubled batch, bad input fails
+before any actor starts."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from test_cache_produce import config
+
+from clt_ray.checkpoint import load_checkpoint
+from clt_ray.config import ConfigError
+from clt_ray.training import train_from_config
+
+
+def assert_same_checkpoint(a_path, b_path, atol=1e-5):
+    a, b = load_checkpoint(a_path, optimizer=True), load_checkpoint(b_path, optimizer=True)
+    assert a.state.step == b.state.step and a.state.tokens == b.state.tokens
+    assert torch.equal(a.state.tokens_since_fired, b.state.tokens_since_fired)
+    for (name, p), q in zip(a.model.named_parameters(), b.model.parameters()):
+        scale = max(1.0, float(p.detach().abs().max()))
+        assert (p - q).abs().max() <= atol * scale, name
+        for m in ("exp_avg", "exp_avg_sq"):
+            ma, mb = a.state.moments[name][m], b.state.moments[name][m]
+            assert (ma - mb).abs().max() <= atol * max(1e-3, float(ma.abs().max())), (name, m)
+
+
+def short(cfg, steps=8, every=4):
+    return cfg.model_copy(update={"train": cfg.train.model_copy(
+        update={"steps": steps, "checkpoint_every": every, "keep_checkpoints": 3})})
+
+
+@pytest.mark.slow
+def test_two_shards_one_shard_and_one_process_agree_and_resume_across_shard_counts(
+        ray_local, tiny_lm_dir, tmp_path: Path):
+    from clt_ray.actors.trainer import train_on_ray
+
+    cfg = short(config(tiny_lm_dir))
+    single = train_from_config(cfg, tmp_path / "one", log=lambda s: None, splice=False)
+    two = train_on_ray(cfg, tmp_path / "two", shards=2, cpus_per_worker=0.5, splice=False,
+                       log=lambda s: None)
+    one = train_on_ray(cfg, tmp_path / "ray1", shards=1, cpus_per_worker=0.5, splice=False,
+                       log=lambda s: None)
+    assert single.step == two.step == one.step == 8
+    assert_same_checkpoint(single.checkpoint, two.checkpoint)
+    assert_same_checkpoint(single.checkpoint, one.checkpoint)
+    # the driver wrote the shards' metrics and the same final summary
+    lines = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
+    assert [r["step"] for r in map(yaml.safe_load, lines) if r["kind"] == "train"] == [2, 4, 6, 8]
+    assert abs(two.metrics["explained_variance"][0] - single.metrics["explained_variance"][0]) < 1e-4
+
+    # a 2-shard checkpoint resumes in one process, and a 1-process one on 2 shards
+    for src, resumed in (("two", "two-then-one"), ("one", "one-then-two")):
+        shutil.copytree(tmp_path / src, tmp_path / resumed)
+        shutil.rmtree(tmp_path / resumed / "checkpoints" / "step_000000008")
+        if resumed == "two-then-one":
+            r = train_from_config(cfg, tmp_path / resumed, resume=True, log=lambda s: None,
+                                  splice=False)
+        else:
+            r = train_on_ray(cfg, tmp_path / resumed, shards=2, resume=True, splice=False,
+                             cpus_per_worker=0.5, log=lambda s: None)
+        assert r.step == 8
+        assert_same_checkpoint(single.checkpoint, r.checkpoint)
+
+
+def test_replicas_average_to_the_doubled_batch():
+    """R replicas, each with its share of the batch, averaging gradients = one replica with the
+    whole batch (the loss is a mean over tokens), through the same step code."""
+    from clt_ray.clt import CLTConfig, CrossLayerTranscoder
+    from clt_ray.losses import LossConfig
+    from clt_ray.training import (
+        Collectives,
+        LocalGroup,
+        OptimConfig,
+        make_optimizer,
+        train_step,
+    )
+
+    cfg = CLTConfig(n_layers=3, d_model=8, n_features=16, init_threshold=0.02)
+    loss, optim = LossConfig(preact_coef=1e-3), OptimConfig(max_grad_norm=0.5)
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 64, 3, 8), torch.randn(4, 64, 3, 8)
+
+    def run(batches, collectives):
+        torch.manual_seed(1)
+        model = CrossLayerTranscoder(cfg)
+        opt = make_optimizer(model, optim)
+        for t, (xb, yb) in enumerate(batches):
+            train_step(model, opt, xb, yb, step=t, total_steps=4, loss_cfg=loss,
+                       optim_cfg=optim, collectives=collectives)
+        return model
+
+    whole = run(list(zip(x, y)), Collectives())
+    group = LocalGroup(2)
+
+    def replica(r):
+        reduce = group.reduce_sum(r)
+
+        def mean(ts):
+            flat = reduce(torch.cat([t.reshape(-1) for t in ts])) / 2
+            offset = 0
+            for t in ts:
+                t.copy_(flat[offset: offset + t.numel()].view_as(t))
+                offset += t.numel()
+
+        c = Collectives(replica_mean=mean, replica_sum=reduce, replicas=2)
+        return run([(xb[r * 32:(r + 1) * 32], yb[r * 32:(r + 1) * 32]) for xb, yb in zip(x, y)],
+                   c)
+
+    for model in group.run(replica):
+        for p, q in zip(whole.parameters(), model.parameters()):
+            torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+
+
+def test_bad_shard_counts_and_addresses_fail_before_any_actor(tiny_lm_dir, tmp_path: Path):
+    from clt_ray.actors.shard_trainer import feature_range
+    from clt_ray.actors.trainer import train_on_ray
+
+    cfg = config(tiny_lm_dir)  # 32 features a layer
+    with pytest.raises(ConfigError, match="3 shards do not divide clt.n_features 32"):
+        train_on_ray(cfg, tmp_path / "a", shards=3)
+    with pytest.raises(ConfigError, match="64 shards for 32 features"):
+        train_on_ray(cfg, tmp_path / "a", shards=64)
+    with pytest.raises(ConfigError, match="min_shards 4 is not in"):
+        train_on_ray(cfg, tmp_path / "a", shards=2, min_shards=4)
+    assert not (tmp_path / "a").exists()
+    assert [feature_range(s, 4, 32) for s in range(4)] == [(0, 8), (8, 16), (16, 24), (24, 32)]
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    out = subprocess.run([sys.executable, "-m", "clt_ray.cli", "train", "--config", str(cfg_path),
+                          "--shards", "2", "--address", "127.0.0.1:9", "--run-dir",
+                          str(tmp_path / "b")], check=False, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2 and "no Ray cluster answers at 127.0.0.1:9" in out.stderr
