@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -56,17 +57,26 @@ class CacheProducer:
         self.slice_index, self.n_slices = slice_index, n_slices
         self.lm, self.tokenizer = load_model(model_cfg)
         self.produced = 0
+        # Two methods may run at once (max_concurrency=2, for blocks_produced), and a cancelled
+        # stream can still be finishing a block when its replacement starts: one forward pass
+        # at a time (the extraction hooks are per module), and only the newest stream goes on.
+        self._lm_lock = threading.Lock()
+        self._stream = 0
 
     def channel_scales(self, windows_per_file: int) -> Scales:
         return first_channel_scales(self.lm, self.tokenizer, self.data, self.model_cfg,
                                     windows_per_file)
 
-    def _blocks(self, **kw: Any) -> Iterator[tuple[str, bytes]]:
-        for name, block in produce_blocks(self.lm, self.tokenizer, self.data, self.model_cfg,
-                                          slice_index=self.slice_index, n_slices=self.n_slices,
-                                          **kw):
+    def _blocks(self, stream: int | None = None, **kw: Any) -> Iterator[tuple[str, bytes]]:
+        blocks = produce_blocks(self.lm, self.tokenizer, self.data, self.model_cfg,
+                                slice_index=self.slice_index, n_slices=self.n_slices, **kw)
+        while stream is None or stream == self._stream:
+            with self._lm_lock:
+                item = next(blocks, None)
+            if item is None:
+                return
             self.produced += 1
-            yield name, block
+            yield item
 
     def write_files(self, uri: str, manifest: Manifest, tokens: int, skip: dict[str, int]
                     ) -> Iterator[dict]:
@@ -79,8 +89,10 @@ class CacheProducer:
 
     def stream(self, bits: int, zstd_level: int | None, windows_per_block: int,
                scales: Scales | None, start_block: int = 0) -> Iterator[bytes]:
-        """This slice's blocks from block `start_block` on, until the corpus ends."""
-        for _, block in self._blocks(bits=bits, zstd_level=zstd_level,
+        """This slice's blocks from block `start_block` on, until the corpus ends (or a newer
+        stream starts)."""
+        self._stream += 1
+        for _, block in self._blocks(self._stream, bits=bits, zstd_level=zstd_level,
                                      windows_per_file=windows_per_block, scales=scales,
                                      start_file=start_block):
             yield block

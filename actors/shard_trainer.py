@@ -28,7 +28,6 @@ from clt_ray.checkpoint import (
     checkpoint_path,
     join_shards,
     load_checkpoint,
-    resolve_checkpoint,
     save_checkpoint,
     shard_tensors,
 )
@@ -226,9 +225,11 @@ def shard_loop(config: dict[str, Any]) -> None:
     collectives = make_collectives(rank, shards, replicas, device)
 
     sink: Callable[[dict[str, Any]], None] | None = None
+    attempt = 1
     if rank == 0 and config.get("progress") is not None:
         progress = config["progress"]
-        sink = lambda rec: progress.record.remote(rec)
+        sink = progress.record.remote
+        attempt = ray.get(progress.attempt.remote())
     common: dict[str, Any] = {
         "loss": cfg.loss, "optim": cfg.optim, "train": cfg.train.model_copy(
             update={"progress": False}), "config": cfg, "collectives": collectives,
@@ -236,24 +237,21 @@ def shard_loop(config: dict[str, Any]) -> None:
         "log": (lambda m: print(m, flush=True)) if rank == 0 else None}
 
     restart = ray.train.get_checkpoint()
-    resume_from = config.get("resume_from")
-    sources, heldout_refs = None, None
+    sources, heldout_refs, ckpt_dir = None, None, None
     if rank == 0:
         sources, heldout_refs = _rank0_data(cfg, replicas)
-    heldout = ray.get(broadcast_from_rank_zero([heldout_refs])[0])
+        ckpt_dir = _checkpoint_to_start_from(config["run_dir"], restart)
+    heldout_refs, ckpt_dir = broadcast_from_rank_zero([heldout_refs, ckpt_dir])
+    heldout = ray.get(heldout_refs)
     scratch = Path(tempfile.mkdtemp(prefix="clt-ray-shard-"))
-    ckpt_dir = None
-    if restart is not None:
-        ckpt_dir = restart.to_directory()
-    elif resume_from:
-        ckpt_dir = str(resolve_checkpoint(resume_from))
     if ckpt_dir is not None:
         model, state, _ = load_checkpoint(ckpt_dir, start, stop, device=device, optimizer=True)
         trainer = ShardTrainer(model, state=state, total_steps=cfg.train.steps,
                                heldout=heldout, run_dir=scratch, **common)
-        if rank == 0:
-            print(f"shard group of {world}: resuming step {state.step} from {ckpt_dir}",
-                  flush=True)
+        if sink is not None:  # the driver logs it and drops the lost attempt's later records
+            sink({"kind": "restart", "step": state.step, "tokens": state.tokens,
+                  "shards": shards, "replicas": replicas,
+                  "after_failure": attempt > 1})
     else:
         torch.manual_seed(cfg.train.seed)
         model = CrossLayerTranscoder(clt_cfg, start, stop, device=device)
@@ -274,6 +272,20 @@ def shard_loop(config: dict[str, Any]) -> None:
         trainer.fit(source)
     finally:
         source.close()
+
+
+def _checkpoint_to_start_from(run_dir: str, restart: Checkpoint | None) -> str | None:
+    """The newest complete checkpoint: in the run folder (a `--resume`, or one a failed attempt
+    wrote — Ray Train registers checkpoints a poll interval after they land, so its own may lag)
+    or Ray Train's."""
+    from clt_ray.checkpoint import list_checkpoints, read_manifest
+
+    found = [str(p) for p in list_checkpoints(run_dir)]
+    if restart is not None:
+        found.append(restart.to_directory())
+    if not found:
+        return None
+    return max(found, key=lambda p: read_manifest(p)["step"])
 
 
 def _rank0_data(cfg: Any, replicas: int) -> tuple[list[ShuffledSource], Any]:

@@ -33,6 +33,12 @@ class Progress:
 
     def __init__(self) -> None:
         self.records: list[dict[str, Any]] = []
+        self.attempts = 0
+
+    def attempt(self) -> int:
+        """Called by rank 0 as a worker group starts: 1, then 2, … after each failure."""
+        self.attempts += 1
+        return self.attempts
 
     def record(self, rec: dict[str, Any]) -> None:
         self.records.append(rec)
@@ -112,8 +118,10 @@ def train_on_ray(cfg: Any, run_dir: str | os.PathLike[str], *, shards: int = 1,
 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    progress = ray.remote(Progress).options(num_cpus=0).remote()
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    progress = ray.remote(Progress).options(num_cpus=0, scheduling_strategy=here).remote()
     num_workers: int | tuple[int, int] = workers
     if min_shards is not None and min_shards < shards:
         num_workers = (min_shards * replicas, workers)
@@ -123,7 +131,7 @@ def train_on_ray(cfg: Any, run_dir: str | os.PathLike[str], *, shards: int = 1,
                            "replicas": replicas,
                            "threads": int(cpus_per_worker), "use_gpu": use_gpu,
                            "progress": progress,
-                           "resume_from": None if ckpt is None else str(ckpt)},
+                           "run_dir": str(run_dir.resolve())},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus_per_worker}),
         run_config=RunConfig(
@@ -166,11 +174,17 @@ def train_on_ray(cfg: Any, run_dir: str | os.PathLike[str], *, shards: int = 1,
 
 
 def _drain(progress: Any, metrics_file: Path, bar: Any) -> None:
+    """Append rank 0's records to metrics.jsonl; a restart record (the group restarted from a
+    checkpoint after a failure) first drops what the lost attempt logged after that step."""
+    from clt_ray.training import truncate_metrics
+
     records = ray.get(progress.take.remote())
     if not records:
         return
-    with metrics_file.open("a") as f:
-        for rec in records:
+    for rec in records:
+        if rec["kind"] == "restart":
+            truncate_metrics(metrics_file.parent, rec["step"])
+        with metrics_file.open("a") as f:
             f.write(json.dumps(rec) + "\n")
     last = records[-1]
     bar.n = last["step"]

@@ -6,7 +6,9 @@ total features and batch. The single process uses all `--threads` threads; each 
 workers of a Ray Train TorchTrainer holds F/N features with threads/N threads and sums the partial
 reconstructions with the gloo (or NCCL) all-reduce, exactly as `clt-ray train --shards N` does.
 Prints step times, the overhead t_N / t_1 − 1 (goal ≤ 15% at N = 2 on CPU) and the share of the
-sharded step spent in the collectives (the reconstruction all-reduce plus the statistics one).
+sharded step spent in the collectives (the reconstruction all-reduce plus the statistics one),
+and the time to checkpoint weights + Adam moments the way clt-ray does (the shards gather to
+rank 0, which writes the whole CLT's per-layer layout) against every shard writing its own slice.
 
     python bench/sharding.py                          # N = 2, F = 2048 a layer, B = 256, CPU
     python bench/sharding.py --shards 2 4 --features 8192 --batch 1024 --gpu
@@ -15,8 +17,10 @@ sharded step spent in the collectives (the reconstruction all-reduce plus the st
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -32,7 +36,8 @@ from clt_ray.training import Collectives, OptimConfig, make_optimizer, train_ste
 
 
 def run_steps(model: CrossLayerTranscoder, x: torch.Tensor, y: torch.Tensor, steps: int,
-              collectives: Collectives, sync: Any = None) -> list[float]:
+              collectives: Collectives, sync: Any = None, opt_out: list | None = None
+              ) -> list[float]:
     loss, optim = LossConfig(preact_coef=1e-3), OptimConfig()
     opt = make_optimizer(model, optim)
     times = []
@@ -46,6 +51,8 @@ def run_steps(model: CrossLayerTranscoder, x: torch.Tensor, y: torch.Tensor, ste
             torch.cuda.synchronize()
         if t >= 2:
             times.append(time.perf_counter() - start)
+    if opt_out is not None:
+        opt_out.append(opt)
     return times
 
 
@@ -81,10 +88,42 @@ def shard_worker(config: dict[str, Any]) -> None:
     x, y = batch(cfg, config["batch"], device)
     times = run_steps(model, x, y, 2, Collectives(reduce_sum=timed_sum), sync=dist.barrier)
     spent[0] = 0.0
+    opts: list = []
     times = run_steps(model, x, y, config["steps"], Collectives(reduce_sum=timed_sum),
-                      sync=dist.barrier)
-    ray.train.report({"step_s": statistics.median(times),
-                      "collective_share": spent[0] / sum(times) / 1.0})
+                      sync=dist.barrier, opt_out=opts)
+    gather_s, each_s = checkpoint_times(model, opts[0], rank, n)
+    if rank == 0:  # Ray Train V2 keeps only checkpointed metrics: hand them over in a file
+        Path(config["out"]).write_text(json.dumps({
+            "step_s": statistics.median(times), "collective_share": spent[0] / sum(times),
+            "ckpt_gather_s": gather_s, "ckpt_each_s": each_s}))
+
+
+def checkpoint_times(model: CrossLayerTranscoder, opt: Any, rank: int, n: int
+                     ) -> tuple[float, float]:
+    """Seconds to checkpoint weights + Adam moments + counters (a) as clt-ray does: the shards
+    gather to rank 0, which writes the whole CLT's layout; (b) every shard writing its own
+    slice, in parallel."""
+    import torch.distributed as dist
+    from clt_ray.actors.shard_trainer import _gather_to_rank0
+    from safetensors.torch import save_file
+
+    from clt_ray.checkpoint import TrainingState, join_shards, save_checkpoint, shard_tensors
+
+    counters = torch.zeros(model.cfg.n_layers, model.n_local, dtype=torch.int64)
+    with tempfile.TemporaryDirectory() as tmp:
+        dist.barrier()
+        start = time.perf_counter()
+        parts = _gather_to_rank0(shard_tensors(model, opt, counters), rank, n)
+        if parts is not None:
+            whole, state = join_shards(model, opt, parts, TrainingState(step=1))
+            save_checkpoint(Path(tmp) / "whole", whole, None, state)
+        dist.barrier()
+        gather_s = time.perf_counter() - start
+        start = time.perf_counter()
+        mine = {k: v.contiguous() for k, v in shard_tensors(model, opt, counters).items()}
+        save_file(mine, str(Path(tmp) / f"shard{rank}.safetensors"))
+        dist.barrier()
+        return gather_s, time.perf_counter() - start
 
 
 def sharded(cfg: CLTConfig, n: int, args: argparse.Namespace) -> dict[str, float]:
@@ -92,14 +131,16 @@ def sharded(cfg: CLTConfig, n: int, args: argparse.Namespace) -> dict[str, float
     from ray.train.torch import TorchTrainer
 
     threads = max(1, args.threads // n) if not args.gpu else 1
+    out = Path(tempfile.mkdtemp()) / "metrics.json"
     trainer = TorchTrainer(
         shard_worker,
         train_loop_config={"clt": cfg.model_dump(), "threads": threads, "gpu": args.gpu,
-                           "batch": args.batch, "steps": args.steps},
+                           "batch": args.batch, "steps": args.steps, "out": str(out)},
         scaling_config=ScalingConfig(num_workers=n, use_gpu=args.gpu,
                                      resources_per_worker={"CPU": args.threads / n}),
         run_config=RunConfig(storage_path="/tmp/clt-ray-bench-sharding"))
-    return trainer.fit().metrics
+    trainer.fit()
+    return json.loads(out.read_text())
 
 
 def main() -> None:
@@ -126,12 +167,14 @@ def main() -> None:
     print(f"CLT L {args.layers}, d {args.d_model}, F {args.features} a layer, batch "
           f"{args.batch}, {'GPU' if args.gpu else f'{args.threads} CPU threads'}; "
           f"median of {args.steps} steps")
-    print(f"{'':26s} {'step s':>8s} {'overhead':>9s} {'collectives':>12s}")
-    print(f"{'one process':26s} {single:8.3f} {'':>9s} {'':>12s}")
+    print(f"{'':26s} {'step s':>8s} {'overhead':>9s} {'collectives':>12s} "
+          f"{'ckpt gather+1 writer s':>23s} {'ckpt each shard s':>18s}")
+    print(f"{'one process':26s} {single:8.3f}")
     for n in args.shards:
         m = sharded(cfg, n, args)
         print(f"{f'{n} shards on Ray':26s} {m['step_s']:8.3f} "
-              f"{m['step_s'] / single - 1:+9.1%} {m['collective_share']:12.1%}")
+              f"{m['step_s'] / single - 1:+9.1%} {m['collective_share']:12.1%} "
+              f"{m['ckpt_gather_s']:23.2f} {m['ckpt_each_s']:18.2f}")
 
 
 if __name__ == "__main__":

@@ -281,6 +281,8 @@ def save_checkpoint(
             "optimizer": None if moments is None else {"type": "adam", "step": adam_step},
             "shapes": {k: list(v.shape) for t in files.values() for k, v in t.items()},
             "files": sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*.safetensors")),
+            "sizes": {str(p.relative_to(tmp)): p.stat().st_size
+                      for p in tmp.rglob("*.safetensors")},
             "extra": state.extra,
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
@@ -296,13 +298,28 @@ def checkpoint_path(run_dir: str | os.PathLike[str], step: int) -> Path:
     return Path(run_dir) / CHECKPOINTS / f"step_{step:09d}"
 
 
+def is_complete(path: Path) -> bool:
+    """A checkpoint folder whose manifest is there and every file it lists has its recorded size
+    (a copy in progress — e.g. Ray Train persisting it into the run folder — is not complete)."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    sizes = manifest.get("sizes") or {f: None for f in manifest.get("files", [])}
+    for name, size in sizes.items():
+        f = path / name
+        if not f.is_file() or (size is not None and f.stat().st_size != size):
+            return False
+    return True
+
+
 def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[Path]:
     """A run folder's complete checkpoints (those with a manifest), oldest first."""
     root = Path(run_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir()
-             if (m := _STEP_DIR.match(p.name)) and (p / MANIFEST).is_file()]
+             if (m := _STEP_DIR.match(p.name)) and is_complete(p)]
     return [p for _, p in sorted(found)]
 
 
