@@ -49,12 +49,12 @@ class CacheProducer:
     """One slice of the token stream: the LM, loaded once, and its slice's blocks on request."""
 
     def __init__(self, model_cfg: ModelConfig, data: DataConfig, slice_index: int,
-                 n_slices: int) -> None:
+                 n_slices: int, part: tuple[int, int] = (0, 1)) -> None:
         from clt_ray.models import load_model
 
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         self.model_cfg, self.data = model_cfg, data
-        self.slice_index, self.n_slices = slice_index, n_slices
+        self.slice_index, self.n_slices, self.part = slice_index, n_slices, part
         self.lm, self.tokenizer = load_model(model_cfg)
         self.produced = 0
         # Two methods may run at once (max_concurrency=2, for blocks_produced), and a cancelled
@@ -69,7 +69,8 @@ class CacheProducer:
 
     def _blocks(self, stream: int | None = None, **kw: Any) -> Iterator[tuple[str, bytes]]:
         blocks = produce_blocks(self.lm, self.tokenizer, self.data, self.model_cfg,
-                                slice_index=self.slice_index, n_slices=self.n_slices, **kw)
+                                slice_index=self.slice_index, n_slices=self.n_slices,
+                                part=self.part, **kw)
         while stream is None or stream == self._stream:
             with self._lm_lock:
                 item = next(blocks, None)
@@ -145,7 +146,8 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
 
 
 def start_producers(model_cfg: ModelConfig, data: DataConfig, n: int, *,
-                    cpus: float | None = None, gpus: float | None = None) -> list[Any]:
+                    cpus: float | None = None, gpus: float | None = None,
+                    part: tuple[int, int] = (0, 1)) -> list[Any]:
     """N CacheProducer actors, slice i of n each: one GPU each when the cluster has a GPU for
     every producer (and the model is not pinned to the CPU), else `cpus` CPUs each (default: an
     equal share of the cluster's CPUs, at least 1 when there are enough)."""
@@ -164,7 +166,7 @@ def start_producers(model_cfg: ModelConfig, data: DataConfig, n: int, *,
     actor = ray.remote(CacheProducer).options(
         num_cpus=cpus, num_gpus=gpus, max_concurrency=2,  # blocks_produced() beside a stream
         runtime_env={"env_vars": env})
-    return [actor.remote(model_cfg, data, i, n) for i in range(n)]
+    return [actor.remote(model_cfg, data, i, n, part) for i in range(n)]
 
 
 def stop(actors: list[Any]) -> None:
@@ -218,13 +220,14 @@ class ProducerBlocks(BlockStream):
     windows from N producers through the object store, decoded into `dtype`. The order is fixed —
     round robin over the producers, each in its slice's order — so it is resumable: the state is
     the next block of every producer and whose turn it is. Each producer runs at most
-    `backpressure` blocks ahead of the consumer."""
+    `backpressure` blocks ahead of the consumer. `part` (i, n): only documents i, i + n, … (a
+    data-parallel replica's share)."""
 
     def __init__(self, model_cfg: ModelConfig, data: DataConfig, *, producers: int | None = None,
                  bits: int | None = None, backpressure: int | None = None,
                  zstd_level: int | None = None, channel_scale: bool = True,
                  cpus: float | None = None, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu") -> None:
+                 device: str | torch.device = "cpu", part: tuple[int, int] = (0, 1)) -> None:
         from clt_ray.data import model_dims
 
         self.n_layers, self.d_model, _ = model_dims(model_cfg)
@@ -233,7 +236,8 @@ class ProducerBlocks(BlockStream):
         self.backpressure = backpressure or data.backpressure
         self.zstd_level, self.windows = zstd_level, data.lm_batch_size
         self.dtype, self.device = dtype, device
-        self.actors = start_producers(model_cfg, data, self.n, cpus=cpus)
+        self.actors = start_producers(model_cfg, data, self.n, part=part,
+                                      cpus=cpus if cpus is not None else data.producer_cpus)
         self.scales = ray.get(self.actors[0].channel_scales.remote(self.windows)
                               ) if channel_scale else None
         self._x_scale, self._y_scale = (None, None) if self.scales is None else (

@@ -306,9 +306,10 @@ def _rank0_data(cfg: Any, replicas: int) -> tuple[list[ShuffledSource], Any]:
         elif cfg.data.source == "lm":
             blocks = lm_blocks(lm, tokenizer, cfg.data, cfg.model, heldout=False,
                                part=(r, replicas))
-        else:
-            raise ConfigError("data.source 'producers' with the sharded trainer is not supported "
-                              "yet: cache first (`clt-ray cache`), then train from the cache")
+        else:  # producers: rank 0 owns them (they go when it goes, and restart with it)
+            from clt_ray.actors.cache_producer import ProducerBlocks
+
+            blocks = ProducerBlocks(cfg.model, cfg.data, part=(r, replicas))
         sources.append(ShuffledSource(blocks, cfg.train.batch_size, cfg.data.shuffle_buffer,
                                       seed=cfg.data.seed + r))
     ids, mask = heldout_windows(tokenizer, cfg.data)

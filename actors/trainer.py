@@ -93,9 +93,6 @@ def train_on_ray(cfg: Any, run_dir: str | os.PathLike[str], *, shards: int = 1,
             raise ConfigError(f"min_shards {min_shards} is not in [1, {shards}]")
         for n in range(min_shards, shards + 1):
             check_shards(n, clt_cfg.n_features)
-    if cfg.data.source == "producers":
-        raise ConfigError("data.source 'producers' with the sharded trainer is not supported yet: "
-                          "cache first (`clt-ray cache`), then train from the cache")
     use_gpu = _wants_gpu(cfg)
     ensure_ray(address)
     workers = shards * replicas

@@ -179,7 +179,8 @@ def join_shards(first: CrossLayerTranscoder, optimizer: torch.optim.Optimizer,
     """The whole CLT and its training state from every shard's `shard_tensors` (in feature
     order) plus the first shard's module and optimizer (replicated b_dec, scales, Adam step)."""
     joined = {k: torch.cat([p[k] for p in parts], dim=_key_dim(k)) for k in parts[0]}
-    whole = CrossLayerTranscoder(first.cfg, device=first.b_dec.device, dtype=first.b_dec.dtype)
+    whole = _Uninitialised(first.cfg, device=first.b_dec.device, dtype=first.b_dec.dtype)
+    whole.__class__ = CrossLayerTranscoder  # every tensor is copied in below
     adam_step, first_moments = adam_moments(first, optimizer)
     moments: dict[str, dict[str, Tensor]] | None = None if first_moments is None else {}
     for name, p in whole.named_parameters():

@@ -158,6 +158,9 @@ class DataConfig(StrictModel):
     files hold `lm_batch_size` windows each (`clt-ray cache --windows-per-file`)."""
     producers: PositiveInt = 1
     """CacheProducer actors when `source: producers` (each runs the model on its own slice)."""
+    producer_cpus: PositiveFloat | None = None
+    """CPUs per producer actor (default: one GPU each when the cluster has them, else an equal
+    share of the cluster's CPUs)."""
     stream_bits: Literal[8, 4, 2] = 8
     """Quantisation of the blocks streamed by producers."""
     backpressure: PositiveInt = 4

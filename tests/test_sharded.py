@@ -197,3 +197,23 @@ def test_bad_shard_counts_and_addresses_fail_before_any_actor(tiny_lm_dir, tmp_p
                           str(tmp_path / "b")], check=False, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 2 and "no Ray cluster answers at 127.0.0.1:9" in out.stderr
+
+
+@pytest.mark.slow
+def test_two_shards_train_from_the_producers_stream_like_one_process(ray_local, tiny_lm_dir,
+                                                                     tmp_path: Path):
+    """Rank 0 pulls blocks from its own CacheProducer actors: the same int8 stream, so the same
+    weights as one process reading ProducerBlocks."""
+    from clt_ray.actors.cache_producer import ProducerBlocks
+    from clt_ray.actors.trainer import train_on_ray
+
+    cfg = short(config(tiny_lm_dir, source="producers", producers=1, producer_cpus=0.25),
+                steps=6, every=6)
+    two = train_on_ray(cfg, tmp_path / "two", shards=2, cpus_per_worker=0.5, splice=False,
+                       log=lambda s: None)
+    one = train_from_config(cfg, tmp_path / "one", log=lambda s: None, splice=False,
+                            blocks=ProducerBlocks(cfg.model, cfg.data))
+    assert two.step == one.step == 6
+    assert_same_checkpoint(one.checkpoint, two.checkpoint)
+    cursor = load_checkpoint(two.checkpoint).state.data["start"]  # the producers' cursor, which
+    assert cursor["next_block"][0] > 0 and cursor["turn"] == 0    # assert_same_checkpoint compared

@@ -40,10 +40,12 @@ def file_name(slice_index: int, k: int) -> str:
     return f"part-{slice_index:03d}-{k:06d}.arrows"
 
 
-def slice_windows(data: DataConfig, tokenizer: Any, slice_index: int = 0, n_slices: int = 1
-                  ) -> TokenWindows:
-    """The token windows of one producer's slice of the training documents."""
-    docs = SlicedDocuments(make_documents(data, heldout=False), slice_index, n_slices)
+def slice_windows(data: DataConfig, tokenizer: Any, slice_index: int = 0, n_slices: int = 1,
+                  part: tuple[int, int] = (0, 1)) -> TokenWindows:
+    """The token windows of one producer's slice of the training documents; `part` (i, n) first
+    keeps documents i, i + n, … (a data-parallel replica's share, which its producers slice)."""
+    docs = SlicedDocuments(SlicedDocuments(make_documents(data, heldout=False), *part),
+                           slice_index, n_slices)
     return TokenWindows(docs, tokenizer, data.context_size, prefetch=data.lm_batch_size)
 
 
@@ -80,7 +82,8 @@ def produce_blocks(lm: Any, tokenizer: Any, data: DataConfig, model_cfg: ModelCo
                    bits: int, zstd_level: int | None, windows_per_file: int,
                    scales: Scales | None, slice_index: int = 0, n_slices: int = 1,
                    tokens: int | None = None, skip: Mapping[str, int] | None = None,
-                   start_file: int = 0) -> Iterator[tuple[str, bytes]]:
+                   start_file: int = 0, part: tuple[int, int] = (0, 1)
+                   ) -> Iterator[tuple[str, bytes]]:
     """(file name, encoded block) of one slice, in order, from file `start_file` on. Files named
     in `skip` (name → tokens, e.g. already cached) are passed over by tokenising only. Stops
     after the file that brings the slice to `tokens` trainable tokens (skipped ones included), or
@@ -89,7 +92,7 @@ def produce_blocks(lm: Any, tokenizer: Any, data: DataConfig, model_cfg: ModelCo
     pad = _pad_id(tokenizer)
     x_scale, y_scale = (None, None) if scales is None else (
         torch.tensor(scales[0]), torch.tensor(scales[1]))
-    windows = slice_windows(data, tokenizer, slice_index, n_slices)
+    windows = slice_windows(data, tokenizer, slice_index, n_slices, part)
     done = 0
     for k, rows in window_groups(windows, windows_per_file):
         if tokens is not None and done >= tokens:
