@@ -5,9 +5,9 @@ Messaging only: the step, the checkpoint layout and the metrics are `clt_ray.tra
 replica's shards sum their partial reconstructions with one all-reduce; each shard's replicas
 average their gradients. Global rank 0 owns the data: it pulls one batch per replica (each replica
 reads its own part of the corpus or cache) and broadcasts them through the process group; every
-worker keeps its replica's batch. Checkpoints: every shard sends
-its slice to rank 0, which writes the whole CLT in the shard-independent layout and reports it to
-Ray Train, so a restart — with any number of workers — reslices it.
+worker keeps its replica's batch. Checkpoints: each shard writes its slice of the shard-independent
+layout in parallel and Ray Train merges them, so a restart — with any number of workers — reslices
+it.
 """
 
 from __future__ import annotations
@@ -24,13 +24,7 @@ import torch.distributed as dist
 from ray.train import Checkpoint
 from ray.train.collective import broadcast_from_rank_zero
 
-from clt_ray.checkpoint import (
-    checkpoint_path,
-    join_shards,
-    load_checkpoint,
-    save_checkpoint,
-    shard_tensors,
-)
+from clt_ray.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint_shard
 from clt_ray.clt import CrossLayerTranscoder
 from clt_ray.config import ConfigError, parse_config
 from clt_ray.data import ShuffledSource, State
@@ -156,8 +150,9 @@ class BroadcastSource:
 
 
 class ShardTrainer(Trainer):
-    """The core Trainer on one shard; `save` gathers the shards to rank 0, which writes the whole
-    checkpoint and reports it to Ray Train (every rank reports, as Ray Train requires)."""
+    """The core Trainer on one shard; `save` writes this shard's part of the checkpoint
+    (checkpoint.save_checkpoint_shard) and reports it to Ray Train, which merges the parts into
+    the run folder's step_N (every rank reports, as Ray Train requires)."""
 
     def __init__(self, *args: Any, rank: int, shards: int, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -174,38 +169,19 @@ class ShardTrainer(Trainer):
                                                        self.total_steps)
         if self.last_eval is not None:
             st.extra["eval"] = self.last_eval
-        assert st.tokens_since_fired is not None
-        mine = shard_tensors(self.model, self.optimizer, st.tokens_since_fired)
-        parts = _gather_to_rank0(mine, self.rank, self.shards)
         name = checkpoint_path("", st.step).name
         metrics = {"step": st.step}
         with tempfile.TemporaryDirectory() as tmp:
-            if parts is not None:
-                whole, whole_state = join_shards(self.model, self.optimizer, parts, st)
-                out = save_checkpoint(Path(tmp) / name, whole, None, whole_state, self.config)
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(out)),
-                                 checkpoint_dir_name=name)
+            if self.rank < self.shards:  # replica 0's shards; the other replicas hold the same
+                ranges = [feature_range(s, self.shards, self.model.cfg.n_features)
+                          for s in range(self.shards)]
+                save_checkpoint_shard(tmp, self.model, self.optimizer, st, self.config, ranges)
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
+                                 checkpoint_dir_name=name)  # Ray merges the shards' folders
             else:
                 ray.train.report(metrics)
         self._saved_step = st.step
         return Path(name)
-
-
-def _gather_to_rank0(mine: dict[str, torch.Tensor], rank: int, shards: int
-                     ) -> list[dict[str, torch.Tensor]] | None:
-    """Shard s of replica 0 sends its tensors to rank 0 (its replicas hold the same ones)."""
-    world = dist.get_world_size()
-    keys = sorted(mine)
-    parts: list[dict[str, torch.Tensor]] | None = (
-        [{} for _ in range(shards)] if rank == 0 else None)
-    for key in keys:
-        t = mine[key].contiguous()
-        bufs = [torch.empty_like(t) for _ in range(world)] if rank == 0 else None
-        dist.gather(t, bufs, dst=0)
-        if parts is not None and bufs is not None:
-            for s in range(shards):
-                parts[s][key] = bufs[s]
-    return parts
 
 
 def shard_loop(config: dict[str, Any]) -> None:

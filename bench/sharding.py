@@ -29,8 +29,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ray
 import torch
+from clt_ray.actors.shard_trainer import feature_range
+from torch import Tensor
 
-from clt_ray.clt import CLTConfig, CrossLayerTranscoder
+from clt_ray.checkpoint import (
+    MOMENTS,
+    TrainingState,
+    _Uninitialised,
+    adam_moments,
+    save_checkpoint,
+    save_checkpoint_shard,
+)
+from clt_ray.clt import CLTConfig, CrossLayerTranscoder, feature_dim
 from clt_ray.losses import LossConfig
 from clt_ray.training import Collectives, OptimConfig, make_optimizer, train_step
 
@@ -98,16 +108,81 @@ def shard_worker(config: dict[str, Any]) -> None:
             "ckpt_gather_s": gather_s, "ckpt_each_s": each_s}))
 
 
+# --- the gather-to-one-writer variant, measured against clt-ray's per-shard writes ---
+
+def shard_tensors(model: CrossLayerTranscoder, optimizer: torch.optim.Optimizer,
+                  tokens_since_fired: Tensor) -> dict[str, Tensor]:
+    """A shard's per-feature tensors (parameters, Adam moments, dead counters) by key, in a fixed
+    order: what each shard sends for `join_shards` to build the whole CLT's checkpoint."""
+    _, moments = adam_moments(model, optimizer)
+    out: dict[str, Tensor] = {}
+    for name, p in model.named_parameters():
+        if feature_dim(name) is None:
+            continue
+        out[f"param/{name}"] = p.detach()
+        for m in MOMENTS if moments is not None else ():
+            out[f"{m}/{name}"] = moments[name][m]
+    out["counters/tokens_since_fired"] = tokens_since_fired
+    return out
+
+
+def _key_dim(key: str) -> int:
+    kind, name = key.split("/", 1)
+    return 1 if kind == "counters" else feature_dim(name) or 0
+
+
+@torch.no_grad()
+def join_shards(first: CrossLayerTranscoder, optimizer: torch.optim.Optimizer,
+                parts: list[dict[str, Tensor]], state: TrainingState
+                ) -> tuple[CrossLayerTranscoder, TrainingState]:
+    """The whole CLT and its training state from every shard's `shard_tensors` (in feature
+    order) plus the first shard's module and optimizer (replicated b_dec, scales, Adam step)."""
+    joined = {k: torch.cat([p[k] for p in parts], dim=_key_dim(k)) for k in parts[0]}
+    whole = _Uninitialised(first.cfg, device=first.b_dec.device, dtype=first.b_dec.dtype)
+    whole.__class__ = CrossLayerTranscoder  # every tensor is copied in below
+    adam_step, first_moments = adam_moments(first, optimizer)
+    moments: dict[str, dict[str, Tensor]] | None = None if first_moments is None else {}
+    for name, p in whole.named_parameters():
+        if feature_dim(name) is None:
+            p.copy_(first.get_parameter(name))
+            if moments is not None and first_moments is not None:
+                moments[name] = dict(first_moments[name])
+            continue
+        p.copy_(joined[f"param/{name}"])
+        if moments is not None:
+            moments[name] = {m: joined[f"{m}/{name}"] for m in MOMENTS}
+    whole.s_in.copy_(first.s_in)
+    whole.s_out.copy_(first.s_out)
+    whole_state = TrainingState(
+        step=state.step, total_steps=state.total_steps, tokens=state.tokens, data=state.data,
+        tokens_since_fired=joined["counters/tokens_since_fired"], rng=state.rng,
+        adam_step=adam_step, moments=moments, extra=state.extra)
+    return whole, whole_state
+
+
+def _gather_to_rank0(mine: dict[str, torch.Tensor], rank: int, shards: int
+                     ) -> list[dict[str, torch.Tensor]] | None:
+    """Every shard sends its tensors to rank 0 (the gather-to-one-writer variant)."""
+    import torch.distributed as dist
+
+    parts: list[dict[str, torch.Tensor]] | None = (
+        [{} for _ in range(shards)] if rank == 0 else None)
+    for key in sorted(mine):
+        t = mine[key].contiguous()
+        bufs = [torch.empty_like(t) for _ in range(shards)] if rank == 0 else None
+        dist.gather(t, bufs, dst=0)
+        if parts is not None and bufs is not None:
+            for s in range(shards):
+                parts[s][key] = bufs[s]
+    return parts
+
+
 def checkpoint_times(model: CrossLayerTranscoder, opt: Any, rank: int, n: int
                      ) -> tuple[float, float]:
-    """Seconds to checkpoint weights + Adam moments + counters (a) as clt-ray does: the shards
-    gather to rank 0, which writes the whole CLT's layout; (b) every shard writing its own
-    slice, in parallel."""
+    """Seconds to checkpoint weights + Adam moments + counters (a) gathering the shards to rank
+    0, which writes the whole CLT's layout; (b) as clt-ray does: every shard writes its own slice
+    in parallel (checkpoint.save_checkpoint_shard)."""
     import torch.distributed as dist
-    from clt_ray.actors.shard_trainer import _gather_to_rank0
-    from safetensors.torch import save_file
-
-    from clt_ray.checkpoint import TrainingState, join_shards, save_checkpoint, shard_tensors
 
     counters = torch.zeros(model.cfg.n_layers, model.n_local, dtype=torch.int64)
     with tempfile.TemporaryDirectory() as tmp:
@@ -120,8 +195,9 @@ def checkpoint_times(model: CrossLayerTranscoder, opt: Any, rank: int, n: int
         dist.barrier()
         gather_s = time.perf_counter() - start
         start = time.perf_counter()
-        mine = {k: v.contiguous() for k, v in shard_tensors(model, opt, counters).items()}
-        save_file(mine, str(Path(tmp) / f"shard{rank}.safetensors"))
+        ranges = [feature_range(s, n, model.cfg.n_features) for s in range(n)]
+        save_checkpoint_shard(Path(tmp) / "sharded", model, opt,
+                              TrainingState(step=1, tokens_since_fired=counters), None, ranges)
         dist.barrier()
         return gather_s, time.perf_counter() - start
 

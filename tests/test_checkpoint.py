@@ -191,3 +191,40 @@ def test_unknown_format_version_is_refused(tmp_path: Path):
     (path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="version 99"):
         load_checkpoint(path)
+
+
+def test_shards_written_apart_read_like_one_checkpoint(tmp_path: Path):
+    """Each shard writes its slice (save_checkpoint_shard) into its own folder, as Ray shard
+    workers do before Ray Train merges them: any feature range then loads exactly as from the
+    whole checkpoint, spanning shard folders; a missing shard makes the checkpoint incomplete."""
+    from clt_ray.checkpoint import is_complete, load_adam_moments, save_checkpoint_shard
+    from clt_ray.clt import feature_dim
+
+    model, opt, state = trained()
+    save_checkpoint(tmp_path / "whole", model, opt, state)
+    ranges = [(0, 4), (4, 10)]
+    merged = tmp_path / "merged"
+    for start, stop in ranges:  # each shard on its own, with its own optimizer and counters
+        part = model.shard(start, stop)
+        part_opt = make_optimizer(part, OptimConfig())
+        whole_moments = moments(model, opt)
+        load_adam_moments(part_opt, part, float(opt.state[model.b_dec]["step"]), {
+            n: {m: t if feature_dim(n) is None else t.narrow(feature_dim(n), start, stop - start)
+                for m, t in mo.items()} for n, mo in whole_moments.items()})
+        part_state = TrainingState(**{**state.__dict__, "tokens_since_fired":
+                                      state.tokens_since_fired[:, start:stop]})
+        save_checkpoint_shard(merged, part, part_opt, part_state, None, ranges)
+    assert sorted(p.name for p in merged.iterdir()) == ["manifest.json", "shard_000", "shard_001"]
+    assert is_complete(merged)
+    for start, stop in ((0, 10), (2, 7), (4, 10), (5, 6)):
+        a = load_checkpoint(tmp_path / "whole", start, stop, optimizer=True)
+        b = load_checkpoint(merged, start, stop, optimizer=True)
+        for (name, p), q in zip(a.model.named_parameters(), b.model.parameters()):
+            assert torch.equal(p, q), (name, start, stop)
+            for m in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(a.state.moments[name][m], b.state.moments[name][m])
+        assert torch.equal(a.state.tokens_since_fired, b.state.tokens_since_fired)
+        assert a.state.data == b.state.data and a.state.step == b.state.step
+        assert torch.equal(a.state.rng["torch"], b.state.rng["torch"])
+    (merged / "shard_001" / "W_dec_0.safetensors").unlink()
+    assert not is_complete(merged)
