@@ -218,6 +218,10 @@ class ShuffledSource(ActivationSource):
         self.blocks.close()
 
     def restore(self, state: State) -> None:
+        if "replicas" in state:
+            n = len(state["replicas"])
+            raise ConfigError(f"the checkpoint was written by {n} data-parallel replicas; resume "
+                              f"it with `clt-ray train --replicas {n}`")
         self.blocks.restore(state["start"])
         self._next_chunk, self._chunk = int(state["chunk"]), None
         self._x = self._y = None
