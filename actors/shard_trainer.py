@@ -159,16 +159,7 @@ class ShardTrainer(Trainer):
         self.rank, self.shards = rank, shards
 
     def save(self, source: Any = None, path: Any = None) -> Path:
-        from clt_ray.checkpoint import rng_state
-
-        st = self.state
-        st.rng = rng_state()
-        st.data = source.state() if source is not None and self.rank == 0 else None
-        st.extra["lr"] = self.optim_cfg.lr.at(min(st.step, self.total_steps - 1), self.total_steps)
-        st.extra["lambda"] = self.loss_cfg.sparsity.at(min(st.step, self.total_steps - 1),
-                                                       self.total_steps)
-        if self.last_eval is not None:
-            st.extra["eval"] = self.last_eval
+        st = self.state_to_save(source)  # the cursor is rank 0's (BroadcastSource.state)
         name = checkpoint_path("", st.step).name
         metrics = {"step": st.step}
         with tempfile.TemporaryDirectory() as tmp:

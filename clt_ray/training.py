@@ -531,15 +531,9 @@ class Trainer:
 
     # --- checkpoints ---------------------------------------------------------------------------
 
-    def save(self, source: ActivationSource | Iterator[Any] | None = None,
-             path: str | os.PathLike[str] | None = None) -> Path:
-        """Checkpoint to `path` (default: run_dir/checkpoints/step_<step>), then keep only the
-        newest train.keep_checkpoints of the run. `source`'s position (if it has `state()`) is the
-        saved data cursor."""
-        if path is None:
-            if self.run_dir is None:
-                raise ValueError("no run_dir: pass a checkpoint path")
-            path = checkpoint_path(self.run_dir, self.state.step)
+    def state_to_save(self, source: Any = None) -> TrainingState:
+        """The training state as a checkpoint stores it: RNG, the source's cursor (if it has
+        `state()`), the schedules at this step and the last eval."""
         st = self.state
         st.rng = rng_state()
         if source is not None and hasattr(source, "state"):
@@ -549,6 +543,18 @@ class Trainer:
                                                        self.total_steps)
         if self.last_eval is not None:
             st.extra["eval"] = self.last_eval
+        return st
+
+    def save(self, source: ActivationSource | Iterator[Any] | None = None,
+             path: str | os.PathLike[str] | None = None) -> Path:
+        """Checkpoint to `path` (default: run_dir/checkpoints/step_<step>), then keep only the
+        newest train.keep_checkpoints of the run. `source`'s position (if it has `state()`) is the
+        saved data cursor."""
+        if path is None:
+            if self.run_dir is None:
+                raise ValueError("no run_dir: pass a checkpoint path")
+            path = checkpoint_path(self.run_dir, self.state.step)
+        st = self.state_to_save(source)
         out = save_checkpoint(path, self.model, self.optimizer, st, self.config)
         self._saved_step = st.step
         if self.run_dir is not None and Path(path).parent == self.run_dir / CHECKPOINTS:
