@@ -24,6 +24,7 @@ from clt_ray.cache.produce import (
     cache_manifest,
     finished,
     first_channel_scales,
+    manifest_scales,
     open_writer,
     produce_blocks,
     slice_budget,
@@ -85,7 +86,7 @@ class CacheProducer:
         fs, root = filesystem(uri)
         for name, block in self._blocks(bits=manifest.bits, zstd_level=manifest.zstd_level,
                                         windows_per_file=manifest.windows_per_file or 1,
-                                        scales=_scales(manifest), tokens=tokens, skip=skip):
+                                        scales=manifest_scales(manifest), tokens=tokens, skip=skip):
             yield write_block_file(fs, root, name, block, manifest).model_dump()
 
     def stream(self, bits: int, zstd_level: int | None, windows_per_block: int,
@@ -100,10 +101,6 @@ class CacheProducer:
 
     def blocks_produced(self) -> int:
         return self.produced
-
-
-def _scales(m: Manifest) -> Scales | None:
-    return None if m.x_channel_scale is None else (m.x_channel_scale, m.y_channel_scale or [])
 
 
 def ensure_ray(address: str | None = None) -> None:

@@ -258,30 +258,20 @@ def _checkpoint_to_start_from(run_dir: str, restart: Checkpoint | None) -> str |
 def _rank0_data(cfg: Any, replicas: int) -> tuple[list[ShuffledSource], Any]:
     """One training source per replica (disjoint parts of the data) and the held-out batches
     (their object ref), built on rank 0 with the LM loaded once."""
-    from clt_ray.data import heldout_windows, lm_blocks, split_batches, window_activations
+    from clt_ray.data import heldout_set, training_source
     from clt_ray.models import load_model
 
     lm, tokenizer = load_model(cfg.model)
     sources = []
     for r in range(replicas):
-        if cfg.data.source == "cache":
-            from clt_ray.cache.store import CacheBlocks
-
-            blocks: Any = CacheBlocks(cfg.data.cache, seed=cfg.data.seed,
-                                      shuffle_files=cfg.data.cache_order == "shuffled",
-                                      part=(r, replicas))
-        elif cfg.data.source == "lm":
-            blocks = lm_blocks(lm, tokenizer, cfg.data, cfg.model, heldout=False,
-                               part=(r, replicas))
-        else:  # producers: rank 0 owns them (they go when it goes, and restart with it)
+        blocks = None
+        if cfg.data.source == "producers":  # rank 0 owns them: they go and restart with it
             from clt_ray.actors.cache_producer import ProducerBlocks
 
             blocks = ProducerBlocks(cfg.model, cfg.data, part=(r, replicas))
-        sources.append(ShuffledSource(blocks, cfg.train.batch_size, cfg.data.shuffle_buffer,
-                                      seed=cfg.data.seed + r))
-    ids, mask = heldout_windows(tokenizer, cfg.data)
-    hx, hy = window_activations(lm, ids, mask, cfg.model, cfg.data)
-    return sources, ray.put(split_batches(hx, hy, cfg.train.batch_size))
+        sources.append(training_source(cfg, lm, tokenizer, part=(r, replicas), blocks=blocks))
+    _, _, heldout = heldout_set(cfg, lm, tokenizer)
+    return sources, ray.put(heldout)
 
 
 __all__ = ["BroadcastSource", "ShardTrainer", "check_shards", "feature_range", "shard_loop"]

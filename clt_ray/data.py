@@ -539,6 +539,32 @@ def lm_source(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data: 
     return ShuffledSource(blocks, batch_size, data.shuffle_buffer, seed=data.seed)
 
 
+def training_source(cfg: Any, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *,
+                    part: tuple[int, int] = (0, 1), blocks: BlockStream | None = None
+                    ) -> ShuffledSource:
+    """The training stream of a run config, or data-parallel replica i's part (i, n) of it:
+    `blocks` built by the caller (Ray producers), else the activation cache (every n-th file) or
+    the LM in this process (every n-th document), through the shuffle buffer seeded data.seed + i.
+    The one place the single-process and the sharded trainer build it."""
+    if blocks is None and cfg.data.source == "cache":
+        from clt_ray.cache.store import CacheBlocks
+
+        blocks = CacheBlocks(cfg.data.cache, seed=cfg.data.seed,
+                             shuffle_files=cfg.data.cache_order == "shuffled", part=part)
+    elif blocks is None:
+        blocks = lm_blocks(model, tokenizer, cfg.data, cfg.model, heldout=False, part=part)
+    return ShuffledSource(blocks, cfg.train.batch_size, cfg.data.shuffle_buffer,
+                          seed=cfg.data.seed + part[0])
+
+
+def heldout_set(cfg: Any, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
+                ) -> tuple[Tensor, Tensor, list[Batch]]:
+    """A run's held-out windows (ids, mask) and their activations in train.batch_size batches."""
+    ids, mask = heldout_windows(tokenizer, cfg.data)
+    hx, hy = window_activations(model, ids, mask, cfg.model, cfg.data)
+    return ids, mask, split_batches(hx, hy, cfg.train.batch_size)
+
+
 def heldout_windows(tokenizer: PreTrainedTokenizerBase, data: DataConfig,
                     n_tokens: int | None = None) -> tuple[Tensor, Tensor]:
     """Held-out token windows (ids, attention mask) [N, T], right-padded, holding at least
@@ -602,6 +628,6 @@ def model_dims(model_cfg: ModelConfig) -> tuple[int, int, int | None]:
 __all__: Sequence[str] = (
     "ActivationSource", "BlockStream", "Documents", "FileDocuments", "HFDocuments", "LMBlocks",
     "ShuffledSource", "TensorBlocks", "TensorSource", "TokenWindows", "ToyDocuments",
-    "heldout_windows", "lm_blocks", "lm_source", "make_documents", "model_dims", "split_batches",
-    "take_tokens", "window_activations",
+    "heldout_set", "heldout_windows", "lm_blocks", "lm_source", "make_documents", "model_dims",
+    "split_batches", "take_tokens", "training_source", "window_activations",
 )

@@ -765,13 +765,7 @@ def train_from_config(
     `blocks`: the training stream of `data.source: producers`, built by the Ray layer
     (actors.cache_producer.ProducerBlocks); closed when training ends."""
     from clt_ray.config import ConfigError
-    from clt_ray.data import (
-        ShuffledSource,
-        heldout_windows,
-        lm_source,
-        split_batches,
-        window_activations,
-    )
+    from clt_ray.data import heldout_set, training_source
     from clt_ray.models import load_model
 
     start_time = time.monotonic()
@@ -784,19 +778,8 @@ def train_from_config(
 
     lm, tokenizer = load_model(cfg.model)
     device = torch.device(cfg.train.device or cfg.model.device)
-    if cfg.data.source == "cache":
-        from clt_ray.cache.store import CacheBlocks
-
-        blocks = CacheBlocks(cfg.data.cache, seed=cfg.data.seed,
-                             shuffle_files=cfg.data.cache_order == "shuffled")
-    if blocks is not None:
-        source = ShuffledSource(blocks,
-                                cfg.train.batch_size, cfg.data.shuffle_buffer, seed=cfg.data.seed)
-    else:
-        source = lm_source(lm, tokenizer, cfg.data, cfg.model, cfg.train.batch_size)
-    ids, mask = heldout_windows(tokenizer, cfg.data)
-    hx, hy = window_activations(lm, ids, mask, cfg.model, cfg.data)
-    heldout = split_batches(hx, hy, cfg.train.batch_size)
+    source = training_source(cfg, lm, tokenizer, blocks=blocks)
+    ids, mask, heldout = heldout_set(cfg, lm, tokenizer)
     common: dict[str, Any] = {
         "loss": cfg.loss, "optim": cfg.optim, "train": cfg.train, "heldout": heldout,
         "run_dir": run_dir, "config": cfg, "log": log, "total_steps": cfg.train.steps}
@@ -816,19 +799,22 @@ def train_from_config(
         source.close()
 
     return finish_run(cfg, run_dir, trainer.model, trainer.state, lm=lm, tokenizer=tokenizer,
-                      start_time=start_time, splice=splice, interrupted=trainer.interrupted)
+                      start_time=start_time, splice=splice, interrupted=trainer.interrupted,
+                      heldout=(ids, mask))
 
 
 def finish_run(cfg: Any, run_dir: Path, clt: CrossLayerTranscoder, state: TrainingState, *,
                lm: Any, tokenizer: Any, start_time: float, splice: bool = True,
-               interrupted: bool = False) -> RunResult:
+               interrupted: bool = False, heldout: tuple[Tensor, Tensor] | None = None
+               ) -> RunResult:
     """The end of a run (one process or Ray): the final held-out evaluation of the whole CLT
-    (with the splice CE/KL), summary.json, and the RunResult."""
+    (with the splice CE/KL) on `heldout` windows (ids, mask; default: the config's),
+    summary.json, and the RunResult."""
     from clt_ray import metrics
     from clt_ray.checkpoint import list_checkpoints
     from clt_ray.data import heldout_windows
 
-    ids, mask = heldout_windows(tokenizer, cfg.data)
+    ids, mask = heldout if heldout is not None else heldout_windows(tokenizer, cfg.data)
     lm_device = next(lm.parameters()).device
     if clt.b_dec.device != lm_device:  # the splice needs the CLT beside the model
         clt = copy.deepcopy(clt).to(lm_device)

@@ -132,8 +132,8 @@ def open_writer(uri: str, manifest: Manifest, scales: Callable[[], Scales] | Non
     return CacheWriter(uri, manifest)
 
 
-def writer_scales(writer: CacheWriter) -> Scales | None:
-    m = writer.manifest
+def manifest_scales(m: Manifest) -> Scales | None:
+    """A cache's channel pre-scales, as produce_blocks takes them."""
     return None if m.x_channel_scale is None else (m.x_channel_scale, m.y_channel_scale or [])
 
 
@@ -188,7 +188,7 @@ def write_cache(lm: Any, tokenizer: Any, data: DataConfig, model_cfg: ModelConfi
     bar = CacheProgress(writer, tokens, progress, log)
     try:
         for name, block in produce_blocks(lm, tokenizer, data, model_cfg, bits=bits,
-                                          zstd_level=zstd_level, scales=writer_scales(writer),
+                                          zstd_level=zstd_level, scales=manifest_scales(writer.manifest),
                                           windows_per_file=windows_per_file, tokens=tokens,
                                           skip=finished(writer)):
             bar.add(writer.write(name, block))
