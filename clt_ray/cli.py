@@ -72,11 +72,16 @@ def toy_build(arch: str, cache_dir: Path | None) -> None:
               help="The demo's activation cache (int8, kept: a second demo reuses it).")
 @click.option("--producers", type=click.IntRange(min=1), default=2, show_default=True,
               help="CacheProducer actors that write the activation cache.")
-def demo(cache_dir: Path | None, run_dir: Path, activations: Path, producers: int) -> None:
+@click.option("--graphs", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("runs/demo-graphs"), show_default=True,
+              help="Where the attribution graphs of the mechanism prompts go.")
+def demo(cache_dir: Path | None, run_dir: Path, activations: Path, producers: int,
+         graphs: Path) -> None:
     """Run the pipeline on the toy world: build (or reuse) the toy models and score them, cache
     the toy GPT-2's activations with Ray producers, train a CLT from that cache with 2 feature
     shards on Ray and examples/toy.yaml's settings and report held-out EV, L0, dead features and the CE/KL change
-    when it replaces the MLPs."""
+    when it replaces the MLPs; then attribution graphs of held-out mechanism prompts with their
+    replacement and completeness scores."""
     from clt_ray.actors.cache_producer import cache_on_ray, ensure_ray
     from clt_ray.actors.trainer import train_on_ray
     from clt_ray.config import toy_config
@@ -104,7 +109,29 @@ def demo(cache_dir: Path | None, run_dir: Path, activations: Path, producers: in
     click.echo(f"CLT after {result.step} steps ({result.seconds:.0f} s), held-out:")
     click.echo(format_metrics(result.metrics, cfg.train.dead_after_tokens))
     click.echo(f"  checkpoint: {result.checkpoint}")
+    _demo_graphs(run_dir, graphs)
     click.echo(f"demo finished in {time.monotonic() - start:.0f} s")
+
+
+def _demo_graphs(run_dir: Path, out: Path) -> None:
+    """Attribution graphs of held-out prompts of each toy mechanism, with their scores."""
+    import shutil
+
+    from clt_ray.attribution import METADATA_FILE, attribute_prompts, format_summary
+    from clt_ray.export import export_checkpoint
+    from clt_ray.toy import MECHANISMS, mechanism_prompts
+
+    if out.exists():
+        if not (out / METADATA_FILE).is_file():
+            raise CltRayError(f"{out} exists and holds no graphs; pass another --graphs")
+        shutil.rmtree(out)
+    clt = export_checkpoint(run_dir, out / "clt")
+    prompts = [p.text for kind in MECHANISMS for p in mechanism_prompts(kind, 2, seed=7)]
+    click.echo(f"\nattribution graphs of {len(prompts)} held-out mechanism prompts "
+               f"(circuit-tracer)\n  graphs: {out}")
+    rows = attribute_prompts(clt, prompts, out, log=click.echo)
+    click.echo(format_summary(rows))
+    click.echo(f"  view them: clt-ray serve-graphs {out}")
 
 
 def _clear_demo_run(run_dir: Path) -> None:
@@ -310,8 +337,8 @@ def eval_command(checkpoint: Path, batches: int | None, tokens: int | None,
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--model-name", default=None, help="Model circuit-tracer should load (default: "
               "the run config's model; toy and local models as absolute paths).")
-@click.option("--scan", default=None, help="Feature-dashboard scan name (default: ./<OUT name>, "
-              "read offline by circuit-tracer's frontend).")
+@click.option("--scan", default=None, help="Feature-dashboard scan name (default: "
+              "./data/features/<OUT name>, read offline by circuit-tracer's frontend).")
 @click.option("--calibration-tokens", type=click.IntRange(min=1), default=None,
               help="TopK/BatchTopK only: held-out tokens to set the JumpReLU thresholds on "
               "(default: data.heldout_tokens).")
@@ -332,6 +359,128 @@ def export_command(checkpoint: Path, out: Path, model_name: str | None, scan: st
     click.echo(f"exported {cfg['clt_ray']['activation']} CLT "
                f"({cfg['clt_ray']['n_layers']} layers × {cfg['clt_ray']['n_features']} features) "
                f"to {path}\n  model_name: {cfg['model_name']}\n  scan: {cfg['scan']}")
+
+
+def _exported_clt(clt: Path, out: Path) -> Path:
+    """An exported CLT folder as given, or a checkpoint / run folder exported to OUT/clt."""
+    from clt_ray.export import CONFIG_FILE, export_checkpoint
+
+    if (clt / CONFIG_FILE).is_file() and "model_kind" in (clt / CONFIG_FILE).read_text():
+        return clt
+    path = export_checkpoint(clt, out / "clt")
+    click.echo(f"exported {clt} for circuit-tracer to {path}")
+    return path
+
+
+def _graph_options(fn):
+    for option in reversed([
+        click.option("--model", default=None, help="The LM (default: the model named in the "
+                     "CLT's config.yaml): a hub name, local folder or toy:gpt2 / toy:llama."),
+        click.option("--backend", type=click.Choice(["auto", "transformerlens", "nnsight"]),
+                     default="auto", show_default=True,
+                     help="auto: nnsight for Llama/Gemma/Qwen3/GPT-OSS, TransformerLens else."),
+        click.option("--device", default="cpu", show_default=True),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+@cli.command("attribute")
+@click.option("--clt", "clt", required=True, type=click.Path(exists=True, file_okay=False,
+              path_type=Path), help="An exported CLT folder (`clt-ray export`), or a checkpoint "
+              "or run folder (exported into OUT/clt first).")
+@click.option("--prompt", "prompts", multiple=True, help="A prompt (repeatable).")
+@click.option("--prompts-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="One prompt per line.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder: graph JSON, graph-metadata.json, features/, graphs.parquet.")
+@_graph_options
+@click.option("--max-feature-nodes", type=click.IntRange(min=1), default=4096, show_default=True,
+              help="Cap on feature nodes (the adjacency is dense: memory grows with nodes²).")
+@click.option("--max-n-logits", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--desired-logit-prob", type=click.FloatRange(0, 1, min_open=True), default=0.95,
+              show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Source nodes per backward pass.")
+@click.option("--node-threshold", type=click.FloatRange(0, 1), default=0.8, show_default=True)
+@click.option("--edge-threshold", type=click.FloatRange(0, 1), default=0.98, show_default=True)
+@click.option("--corpus", default=None, help="Where feature examples come from (default: the "
+              "CLT's training corpus, held-out part).")
+@click.option("--example-tokens", type=click.IntRange(min=1), default=16384, show_default=True,
+              help="Held-out tokens searched for each feature's top examples.")
+def attribute_command(clt: Path, prompts: tuple[str, ...], prompts_file: Path | None, out: Path,
+                      model: str | None, backend: str, device: str, max_feature_nodes: int,
+                      max_n_logits: int, desired_logit_prob: float, batch_size: int,
+                      node_threshold: float, edge_threshold: float, corpus: str | None,
+                      example_tokens: int) -> None:
+    """Attribution graphs of many prompts with circuit-tracer (the model loaded once): graph JSON
+    for its frontend, feature dashboards that work offline, and a summary table (graphs.parquet)
+    with nodes, edges, replacement and completeness scores per prompt."""
+    from clt_ray.attribution import GraphSettings, attribute_prompts, format_summary
+
+    texts = list(prompts)
+    if prompts_file is not None:
+        texts += [line for line in prompts_file.read_text().splitlines() if line.strip()]
+    if not texts:
+        raise click.UsageError("give --prompt TEXT (repeatable) or --prompts-file FILE")
+    settings = GraphSettings(max_feature_nodes=max_feature_nodes, max_n_logits=max_n_logits,
+                             desired_logit_prob=desired_logit_prob, batch_size=batch_size,
+                             node_threshold=node_threshold, edge_threshold=edge_threshold)
+    rows = attribute_prompts(_exported_clt(clt, out), texts, out, model=model, backend=backend,
+                             settings=settings, device=device, corpus=corpus,
+                             example_tokens=example_tokens, log=click.echo)
+    click.echo(format_summary(rows))
+    click.echo(f"graphs, dashboards and graphs.parquet in {out}; view them with "
+               f"`clt-ray serve-graphs {out}`")
+
+
+@cli.command("intervene")
+@click.option("--clt", "clt", required=True, type=click.Path(exists=True, file_okay=False,
+              path_type=Path), help="An exported CLT folder (`clt-ray export`).")
+@click.option("--prompt", required=True)
+@click.option("--set", "settings", multiple=True, required=True, metavar="L:P:F=V",
+              help="Set feature F of layer L at position P (negative: from the end) to V; "
+              "repeatable. V=0 ablates.")
+@click.option("--target", default=None, help="Token whose logit is followed (default: the top "
+              "prediction before the intervention).")
+@click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True)
+@_graph_options
+def intervene_command(clt: Path, prompt: str, settings: tuple[str, ...], target: str | None,
+                      top_k: int, model: str | None, backend: str, device: str) -> None:
+    """Set CLT features and show the next-token predictions and target logit before and after."""
+    from clt_ray.attribution import intervene, load_replacement_model, parse_intervention
+
+    interventions = [parse_intervention(s) for s in settings]
+    rm = load_replacement_model(clt, model, backend=backend, device=device)
+    r = intervene(rm, prompt, interventions, target=target, top_k=top_k)
+    click.echo(f"prompt: {prompt!r}")
+    for name, top in (("before", r.top_before), ("after", r.top_after)):
+        click.echo(f"  top {name:<7}" + "  ".join(f"{t!r} {p:.3f}" for t, p in top))
+    click.echo(f"  logit of {r.target!r}: {r.target_logit_before:.3f} -> "
+               f"{r.target_logit_after:.3f} ({r.delta:+.3f})")
+
+
+@cli.command("serve-graphs")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8032, show_default=True)
+def serve_graphs(folder: Path, host: str, port: int) -> None:
+    """circuit-tracer's graph viewer over an `attribute` output folder (Ctrl-C stops it)."""
+    from clt_ray.attribution import METADATA_FILE, serve_frontend
+
+    if not (folder / METADATA_FILE).is_file():
+        raise CltRayError(f"{folder} has no {METADATA_FILE}: make graphs with "
+                          "`clt-ray attribute --out FOLDER` first")
+    server = serve_frontend(folder, host, port)
+    bound_host, bound_port = server.httpd.server_address[:2]
+    click.echo(f"graphs of {folder} at http://{bound_host}:{bound_port}/index.html")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
 
 
 def main() -> None:

@@ -228,6 +228,11 @@ class TrainConfig(StrictModel):
     keep_checkpoints: PositiveInt = 2
     progress: bool = True
     """tqdm progress bar."""
+    graph_prompts: NonNegativeInt = 0
+    """Held-out prompts whose attribution graphs are scored (replacement, completeness) at each
+    eval and at the end: toy mechanism prompts on the toy corpus, else held-out text. A few
+    seconds per prompt on CPU for the toy model. Needs a JumpReLU or ReLU CLT."""
+    graph_max_feature_nodes: PositiveInt = 512
     tensorboard: bool = False
     """Also log to TensorBoard (run_dir/tensorboard) if the tensorboard package is installed."""
 
@@ -259,6 +264,10 @@ def _define_run_config() -> type[StrictModel]:
 
         @model_validator(mode="after")
         def _consistent(self) -> Config:
+            if self.train.graph_prompts and self.clt.activation not in ("jumprelu", "relu"):
+                raise ValueError(f"train.graph_prompts: attribution graphs need a JumpReLU or "
+                                 f"ReLU CLT, this one is {self.clt.activation} (export converts "
+                                 "it after training; score graphs with `clt-ray attribute`)")
             if self.data.shuffle_buffer < self.train.batch_size:
                 raise ValueError(f"data.shuffle_buffer ({self.data.shuffle_buffer} tokens) is "
                                  f"smaller than one batch (train.batch_size "

@@ -36,6 +36,7 @@ from clt_ray.fsutil import atomic_dir
 MODEL_KIND = "cross_layer_transcoder"
 CONFIG_FILE = "config.yaml"
 EXPORTABLE = ("jumprelu", "relu")
+DASHBOARD_DATA_KEYS = ("corpus", "text_field", "split", "context_size", "heldout_seed")
 
 
 class ExportError(CltRayError, ValueError):
@@ -55,9 +56,10 @@ def _check_hooks(input_hook: str, output_hook: str | None) -> str:
 
 
 def default_scan(out_dir: str | os.PathLike[str]) -> str:
-    """`./<folder name>`: circuit-tracer's bundled frontend then reads feature dashboards from
-    `features/<scan>/<index>.json` of its data folder instead of fetching them from the web."""
-    return f"./{Path(out_dir).name}"
+    """`./data/features/<folder name>`: circuit-tracer's bundled frontend (index.html at the
+    server root) then reads feature dashboards from `features/<folder name>/<index>.json` of its
+    data folder instead of fetching them from the web (DESIGN.md §5)."""
+    return f"./data/features/{Path(out_dir).name}"
 
 
 def as_jumprelu(clt: CrossLayerTranscoder, calibration: Tensor) -> CrossLayerTranscoder:
@@ -178,6 +180,8 @@ def export_checkpoint(
                               "activations, but this checkpoint has no run config naming them")
         calibration = _heldout_inputs(cfg, calibration_tokens)
     extra = {"checkpoint": str(loaded.path), "step": loaded.state.step}
+    if cfg is not None:  # where feature examples for dashboards come from (attribution)
+        extra["data"] = cfg.data.model_dump(mode="json", include=set(DASHBOARD_DATA_KEYS))
     return export_clt(clt, out_dir, model_name, input_hook, cfg.model.output_hook if cfg else None,
                       scan, calibration=calibration, dtype=dtype, extra=extra)
 

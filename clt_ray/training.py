@@ -339,9 +339,11 @@ class Trainer:
         log: Callable[[str], None] | None = None,
         collectives: Collectives = LOCAL,
         record_sink: Callable[[dict[str, Any]], None] | None = None,
+        graph_scorer: Callable[[CrossLayerTranscoder], dict[str, Any]] | None = None,
     ) -> None:
         self.model, self.loss_cfg, self.optim_cfg, self.train_cfg = model, loss, optim, train
         self.collectives, self.record_sink = collectives, record_sink
+        self.graph_scorer = graph_scorer  # attribution.GraphScorer: needs the whole CLT
         self.heldout = list(heldout or [])
         self.run_dir = None if run_dir is None else Path(run_dir)
         self.config = config
@@ -628,6 +630,8 @@ class Trainer:
         self._eval_step = self.state.step
         if self.heldout:
             self.last_eval = self.evaluate()
+            if self.graph_scorer is not None and self.model.is_whole:
+                self.last_eval.update(self.graph_scorer(self.model))
             self._record("eval", self.last_eval)
 
 
@@ -764,6 +768,7 @@ def train_from_config(
     (metrics.evaluate; splice=True adds the CE/KL of the CLT spliced into the model).
     `blocks`: the training stream of `data.source: producers`, built by the Ray layer
     (actors.cache_producer.ProducerBlocks); closed when training ends."""
+    from clt_ray.attribution import graph_scorer_for
     from clt_ray.config import ConfigError
     from clt_ray.data import heldout_set, training_source
     from clt_ray.models import load_model
@@ -782,7 +787,8 @@ def train_from_config(
     ids, mask, heldout = heldout_set(cfg, lm, tokenizer)
     common: dict[str, Any] = {
         "loss": cfg.loss, "optim": cfg.optim, "train": cfg.train, "heldout": heldout,
-        "run_dir": run_dir, "config": cfg, "log": log, "total_steps": cfg.train.steps}
+        "run_dir": run_dir, "config": cfg, "log": log, "total_steps": cfg.train.steps,
+        "graph_scorer": graph_scorer_for(cfg, lm, tokenizer)}
     if ckpt is None:
         torch.manual_seed(cfg.train.seed)
         model = CrossLayerTranscoder(clt_cfg, device=device)
@@ -811,6 +817,7 @@ def finish_run(cfg: Any, run_dir: Path, clt: CrossLayerTranscoder, state: Traini
     (with the splice CE/KL) on `heldout` windows (ids, mask; default: the config's),
     summary.json, and the RunResult."""
     from clt_ray import metrics
+    from clt_ray.attribution import graph_scorer_for
     from clt_ray.checkpoint import list_checkpoints
     from clt_ray.data import heldout_windows
 
@@ -823,6 +830,9 @@ def finish_run(cfg: Any, run_dir: Path, clt: CrossLayerTranscoder, state: Traini
                              batch_size=cfg.data.lm_batch_size, splice=splice,
                              fired_counters=state.tokens_since_fired,
                              dead_window=cfg.train.dead_after_tokens)
+    scorer = graph_scorer_for(cfg, lm, tokenizer)
+    if scorer is not None:
+        final.update(scorer(clt))
     seconds = time.monotonic() - start_time
     summary = {"step": state.step, "total_steps": state.total_steps, "tokens": state.tokens,
                "seconds": round(seconds, 1), "interrupted": interrupted, **final}
@@ -845,6 +855,10 @@ def format_metrics(m: dict[str, Any], dead_after_tokens: int | None = None) -> s
         lines.append(f"  dead features   {m['dead_training_fraction']:.1%} ({m['dead_training']} "
                      f"not fired in the last {window} training tokens); "
                      f"never fired on held-out: {m['dead_heldout_fraction']:.1%}")
+    if "graph_replacement" in m:
+        lines.append(f"  graphs          replacement {m['graph_replacement']:.3f}   "
+                     f"completeness {m['graph_completeness']:.3f}   "
+                     f"({len(m['graph_replacement_per_prompt'])} held-out prompts)")
     if "delta_ce" in m:
         lines.append(f"  spliced         ΔCE {m['delta_ce']:+.4f} nats   KL {m['kl_spliced']:.4f}   "
                      f"CE recovered {m['ce_recovered']:.3f}   (clean CE {m['ce_clean']:.3f})")

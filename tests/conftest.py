@@ -93,3 +93,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def toy_clt():
+    """The exported CLT trained with examples/toy.yaml on the toy GPT-2 (trained once, ~2.5 min,
+    then reused from the cache dir)."""
+    from clt_ray.toy.clt import build_toy_clt
+
+    return build_toy_clt("gpt2")

@@ -78,7 +78,7 @@ def test_config_yaml_fields(tmp_path):
     assert cfg["feature_input_hook"] == "mlp.hook_in"
     assert cfg["feature_output_hook"] == "mlp.hook_out"
     assert cfg["model_name"] == "gpt2"
-    assert cfg["scan"] == "./my-clt"  # offline dashboards (DESIGN.md §5)
+    assert cfg["scan"] == "./data/features/my-clt"  # offline dashboards (DESIGN.md §5)
     assert cfg["clt_ray"]["activation"] == "relu" and cfg["clt_ray"]["n_features"] == F
     names = sorted(os.listdir(out))
     assert names == sorted(["config.yaml"] + [f"W_{p}_{l}.safetensors" for p in ("enc", "dec")

@@ -18,7 +18,12 @@ from clt_ray.models.arch import (
     n_layers,
 )
 from clt_ray.models.extract import extract_activations, keep_mask
-from clt_ray.models.loading import ModelNotAvailableError, load_model, resolve_model_path
+from clt_ray.models.loading import (
+    ModelNotAvailableError,
+    load_model,
+    model_config,
+    resolve_model_path,
+)
 
 __all__ = [
     "ARCHITECTURES",
@@ -34,6 +39,7 @@ __all__ = [
     "layer_list",
     "load_hooked_transformer",
     "load_model",
+    "model_config",
     "n_layers",
     "resolve_model_path",
 ]

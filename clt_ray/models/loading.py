@@ -9,7 +9,13 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from clt_ray.config import CltRayError, ModelConfig
@@ -71,6 +77,16 @@ def _hub_error(name: str, revision: str | None, exc: Exception) -> ModelNotAvail
     )
 
 
+def model_config(name: str, revision: str | None = None) -> tuple[str, PretrainedConfig]:
+    """(local path or hub name, HF config) of a model, without loading weights; a model that is
+    not available is a ModelNotAvailableError saying why."""
+    path = resolve_model_path(str(name))
+    try:
+        return path, AutoConfig.from_pretrained(path, revision=revision)
+    except OSError as exc:
+        raise _hub_error(str(name), revision, exc) from exc
+
+
 def load_model(
     name_or_path: str | os.PathLike[str] | ModelConfig,
     revision: str | None = None,
@@ -86,11 +102,7 @@ def load_model(
         cfg = name_or_path
         name_or_path, revision, dtype, device = cfg.name, cfg.revision, cfg.dtype, cfg.device
     name = str(name_or_path)
-    path = resolve_model_path(name)
-    try:
-        config = AutoConfig.from_pretrained(path, revision=revision)
-    except OSError as exc:
-        raise _hub_error(name, revision, exc) from exc
+    path, config = model_config(name, revision)
     arch_of(config)  # unsupported architecture: fail before loading any weights
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
