@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import re
 import shutil
@@ -414,7 +415,7 @@ def parse_intervention(spec: str) -> Intervention:
         value = float(m.group(4)) if m else float("nan")
     except ValueError:
         value = float("nan")
-    if not m or value != value:
+    if not m or math.isnan(value):
         raise AttributionError(f"intervention {spec!r} is not LAYER:POSITION:FEATURE=VALUE "
                                "(e.g. 2:-1:113=0)")
     return int(m.group(1)), int(m.group(2)), int(m.group(3)), value

@@ -483,6 +483,45 @@ def serve_graphs(folder: Path, host: str, port: int) -> None:
         server.stop()
 
 
+@cli.command("autointerp")
+@click.option("--config", "config_path", required=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="An auto-interp config (see examples/autointerp.yaml).")
+@click.option("--out", default=None, help="Overrides the config's output folder.")
+@click.option("--address", default=None,
+              help="Ray cluster address (default: a running local Ray, else a new one).")
+def autointerp_command(config_path: Path, out: str | None, address: str | None) -> None:
+    """Explain and score CLT features with any OpenAI-compatible endpoint: top-k examples by a
+    Ray Data pass over held-out text, then explanations and detection/fuzzing scores through an
+    actor pool of async clients. The API key comes only from the environment variable named by
+    llm.api_key_env. A rerun reuses what is done and asks the endpoint only for what is missing."""
+    from clt_ray.actors.autointerp import run_autointerp
+    from clt_ray.actors.cache_producer import ensure_ray
+    from clt_ray.autointerp.config import AutoInterpConfig
+    from clt_ray.config import load_config
+
+    cfg = load_config(config_path, AutoInterpConfig)
+    if out is not None:
+        cfg = cfg.model_copy(update={"out": out})
+    from clt_ray.checkpoint import load_checkpoint
+
+    load_checkpoint(cfg.checkpoint)  # a bad checkpoint fails before Ray starts
+    ensure_ray(address)
+    summary = run_autointerp(cfg, log=click.echo)
+    click.echo(f"{summary['explained']} of {summary['features']} features explained "
+               f"({summary['explain_failed']} failed), {summary['scored']} scores "
+               f"({summary['score_failed']} failed)")
+    click.echo(f"tokens: {summary['prompt_tokens']:,} prompt + {summary['completion_tokens']:,} "
+               f"completion; cost ${summary['cost_usd']:.4f}")
+    for key, value in summary.items():
+        if key.endswith("_auc_mean"):
+            click.echo(f"  {key.removesuffix('_auc_mean')} AUC (mean): {value:.3f}")
+    if summary["budget_exhausted"]:
+        click.echo(f"budget of ${cfg.llm.budget_usd} reached: requests after it were not sent "
+                   "(rerun with a larger llm.budget_usd to finish)")
+    click.echo(f"outputs in {cfg.out}: features.parquet, explanations.parquet, scores.parquet")
+
+
 def main() -> None:
     """Entry point: user errors print one line (set CLT_RAY_DEBUG=1 for the traceback)."""
     try:

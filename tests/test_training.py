@@ -285,8 +285,12 @@ def test_cli_reports_a_bad_config_in_one_line_without_working(tmp_path: Path, ti
 
 
 def test_example_configs_parse_and_toy_yaml_is_the_demo_config():
+    from clt_ray.autointerp.config import AutoInterpConfig
+
     for path in sorted((ROOT / "examples").glob("*.yaml")):
-        if not path.name.startswith("cluster"):  # cluster-*.yaml: Ray cluster configs
+        if path.name == "autointerp.yaml":
+            load_config(path, AutoInterpConfig)
+        elif not path.name.startswith("cluster"):  # cluster-*.yaml: Ray cluster configs
             load_config(path)
     assert load_config(ROOT / "examples" / "toy.yaml") == toy_config("gpt2")
     assert load_config(ROOT / "examples" / "toy-llama.yaml") == toy_config("llama")

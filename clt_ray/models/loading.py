@@ -87,6 +87,15 @@ def model_config(name: str, revision: str | None = None) -> tuple[str, Pretraine
         raise _hub_error(str(name), revision, exc) from exc
 
 
+def load_tokenizer(name: str, revision: str | None = None) -> PreTrainedTokenizerBase:
+    """A model's tokenizer alone (no weights loaded)."""
+    path, _ = model_config(name, revision)
+    try:
+        return AutoTokenizer.from_pretrained(path, revision=revision)
+    except OSError as exc:
+        raise _hub_error(name, revision, exc) from exc
+
+
 def load_model(
     name_or_path: str | os.PathLike[str] | ModelConfig,
     revision: str | None = None,

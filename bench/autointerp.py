@@ -1,0 +1,101 @@
+"""Throughput of the auto-interp LLM-call layer against the local fake server (tests/llm_server.py)
+with a fixed latency: achieved requests/s over the ideal C / latency of C requests in flight.
+
+    python bench/autointerp.py                          # C = 64, latency 100 ms, N = 2000
+    python bench/autointerp.py --concurrency 16 --latency 0.05 --requests 1000 --no-cache
+
+The server runs in its own process by default, as a real one would (its HTTP parsing would
+otherwise share this process's GIL with the client); --in-process runs it in a thread here.
+The ratio is bounded by the client's CPU per request (printed): one process sends at most
+1 / (CPU per request) requests/s, whatever C is; past that, more actors, not more in flight.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from clt_ray.autointerp.llm import LLMClient, LLMConfig, LLMRequest, ResultCache, request_key
+from tests.llm_server import FakeLLMServer
+
+
+def serve(conn, latency_s: float) -> None:
+    with FakeLLMServer(latency_s=latency_s) as server:
+        conn.send(server.url)
+        conn.recv()  # until the bench is done
+
+
+def parse(raw: str) -> str:
+    if not raw.startswith("echo: "):
+        raise ValueError(raw[:40])
+    return raw[6:]
+
+
+def requests(n: int, model: str, tag: str) -> list[LLMRequest]:
+    out = []
+    for i in range(n):
+        messages = [
+            {"role": "system", "content": "Explain the feature in one short phrase."},
+            {"role": "user", "content": f"{tag} feature {i}: examples <<the>> cat sat on <<the>>"},
+        ]
+        out.append(LLMRequest(request_key(f"{tag}/{i}", messages, model), messages))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--latency", type=float, default=0.1, help="server latency, seconds")
+    ap.add_argument("--requests", type=int, default=2000)
+    ap.add_argument("--no-cache", action="store_true", help="skip the result cache writes")
+    ap.add_argument("--in-process", action="store_true", help="serve from a thread here")
+    args = ap.parse_args()
+    c, lat, n = args.concurrency, args.latency, args.requests
+
+    if args.in_process:
+        server = FakeLLMServer(latency_s=lat).start()
+        url, stop = server.url, server.stop
+    else:
+        here, there = mp.get_context("spawn").Pipe()
+        proc = mp.get_context("spawn").Process(target=serve, args=(there, lat), daemon=True)
+        proc.start()
+        url = here.recv()
+
+        def stop() -> None:
+            here.send(None)
+            proc.join(10)
+
+    config = LLMConfig(base_url=url, model="fake", concurrency=c)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            cache = None if args.no_cache else ResultCache(tmp)
+            LLMClient(config, cache).run_sync(requests(min(n, 2 * c), "fake", "warm"), parse)
+            client = LLMClient(config, cache)
+            cpu0, t0 = time.process_time(), time.perf_counter()
+            results = client.run_sync(requests(n, "fake", "bench"), parse)
+            wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+            if cache is not None:
+                cache.close()
+    finally:
+        stop()
+
+    ok = sum(r.ok for r in results)
+    rate, ideal = n / wall, c / lat
+    print(
+        f"auto-interp LLM calls: N={n}, C={c}, latency {lat * 1e3:.0f} ms, "
+        f"server {'in this process' if args.in_process else 'in its own process'}, "
+        f"cache {'off' if args.no_cache else 'on'}"
+    )
+    print(f"  {ok}/{n} ok in {wall:.2f} s; client CPU {cpu / n * 1e3:.2f} ms per request")
+    print(f"  achieved {rate:.0f} req/s, ideal C/latency {ideal:.0f} req/s")
+    print(f"  ratio {rate / ideal:.2f} (goal >= 0.8)")
+
+
+if __name__ == "__main__":
+    main()

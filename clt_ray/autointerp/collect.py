@@ -1,0 +1,209 @@
+"""Top activating examples and statistics of every CLT feature over token windows, in one process.
+
+Two passes: (1) every chunk of windows through the LM and the encoder, one feature range at a
+time, into mergeable `topk.TopKState`s; (2) per range, only the windows that its features' top
+and quantile examples name are run again to read their per-token activations. The Ray Data job
+(actors/autointerp.py) runs the same two functions on chunks and ranges in parallel; this module
+is its single-process twin and the reference the tests compare it with.
+
+Output: Parquet, one row per feature (`FEATURE_SCHEMA`), written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch import Tensor
+
+from clt_ray.autointerp.topk import (
+    EMPTY,
+    TopKState,
+    bin_edges,
+    chunk_state,
+    encode_range,
+    merge_all,
+    quantile_examples,
+)
+
+EXAMPLE = pa.struct([("window", pa.int64()), ("position", pa.int32()), ("peak", pa.float32()),
+                     ("group", pa.int32()), ("tokens", pa.list_(pa.string())),
+                     ("acts", pa.list_(pa.float32()))])
+FEATURE_SCHEMA = pa.schema([
+    ("layer", pa.int32()), ("feature", pa.int32()), ("n_tokens", pa.int64()),
+    ("fired", pa.int64()), ("frequency", pa.float64()), ("max_activation", pa.float32()),
+    ("histogram", pa.list_(pa.int64())), ("top_examples", pa.list_(EXAMPLE)),
+    ("quantile_examples", pa.list_(EXAMPLE)), ("quiet_examples", pa.list_(EXAMPLE)),
+    ("decoder_norms", pa.list_(pa.float32())),
+    ("top_logits", pa.list_(pa.string())), ("top_logit_values", pa.list_(pa.float32())),
+    ("bottom_logits", pa.list_(pa.string())), ("bottom_logit_values", pa.list_(pa.float32())),
+])
+
+
+@dataclass(frozen=True)
+class TopKSettings:
+    k: int = 20
+    """Top windows per feature."""
+    samples_per_bin: int = 4
+    """Min-hash samples per activation bin (quantile examples come from these)."""
+    quantile_groups: int = 4
+    per_group: int = 5
+    range_size: int = 512
+    """Features per layer encoded together (memory: windows × T × L × range_size floats)."""
+    chunk_windows: int = 32
+    logits: int = 10
+
+
+def feature_ranges(start: int, stop: int, size: int) -> list[tuple[int, int]]:
+    """[start, stop) cut into ranges of at most `size` features."""
+    return [(s, min(s + size, stop)) for s in range(start, stop, size)]
+
+
+def window_activations(lm: Any, ids: Tensor, mask: Tensor, input_hook: str) -> Tensor:
+    """Raw CLT inputs x [W, T, L, d] of windows ids/mask [W, T]."""
+    from clt_ray.models import extract_activations
+
+    device = next(lm.parameters()).device
+    x, _ = extract_activations(lm, ids.to(device), mask.to(device), input_hook=input_hook)
+    return x.float().cpu()
+
+
+def chunk_states(clt: Any, x: Tensor, valid: Tensor, window_ids: Tensor,
+                 ranges: Sequence[tuple[int, int]], s: TopKSettings) -> list[TopKState]:
+    """Pass 1 for one chunk: a state per feature range."""
+    return [chunk_state(encode_range(clt, x, a, b), valid, window_ids, a, s.k, s.samples_per_bin)
+            for a, b in ranges]
+
+
+class TokenText:
+    """Token id → display string (decoded alone), memoised."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer, self.memo = tokenizer, {}
+
+    def __call__(self, ids: Sequence[int]) -> list[str]:
+        out = []
+        for i in ids:
+            if i not in self.memo:
+                self.memo[i] = self.tokenizer.decode([int(i)])
+            out.append(self.memo[i])
+        return out
+
+
+def logit_effects(clt: Any, unembed: Tensor, text: TokenText, start: int, stop: int, n: int
+                  ) -> Iterator[tuple[list[float], list[str], list[float], list[str], list[float]]]:
+    """Per (layer, feature) of [start, stop), layer-major: decoder norms per target layer, and the
+    top/bottom tokens of the summed raw decoder rows through the unembedding [d, V]."""
+    for layer in range(clt.cfg.n_layers):
+        w = clt.folded_weights([layer])[f"W_dec_{layer}"][start - clt.start:stop - clt.start]
+        w = w.detach().float().cpu()  # [n, L − layer, d]
+        norms = w.norm(dim=-1)
+        scores = w.sum(1) @ unembed  # [n, V]
+        top = scores.topk(min(n, scores.shape[1]), dim=1)
+        bottom = (-scores).topk(min(n, scores.shape[1]), dim=1)
+        for i in range(stop - start):
+            yield (norms[i].tolist(), text(top.indices[i].tolist()), top.values[i].tolist(),
+                   text(bottom.indices[i].tolist()), (-bottom.values[i]).tolist())
+
+
+def feature_rows(clt: Any, state: TopKState, window_acts: Callable[[list[int]], Tensor],
+                 ids: Tensor, valid: Tensor, text: TokenText, unembed: Tensor,
+                 s: TopKSettings) -> list[dict]:
+    """Pass 2 for one range: the rows of its features. window_acts(windows) -> activations
+    [len(windows), T, L, n] of this range on those windows."""
+    L, n = state.top_peak.shape[:2]
+    quantiles = {(l, i): quantile_examples(state, l, i, s.quantile_groups, s.per_group)
+                 for l in range(L) for i in range(n)}
+    needed = {int(w) for w in state.top_window.flatten() if w != EMPTY}
+    needed |= {w for groups in quantiles.values() for g in groups for _, w, _ in g}
+    needed |= {int(w) for w in state.quiet_window.flatten() if w != EMPTY}
+    order = sorted(needed)
+    acts = window_acts(order).numpy() if order else None
+    kept = {w: valid[w].nonzero().flatten().numpy() for w in order}  # positions after BOS
+    tokens = {w: text(ids[w][kept[w]].tolist()) for w in order}
+
+    def example(layer: int, i: int, peak: float, w: int, pos: int, group: int) -> dict:
+        j = slots[w]
+        return {"window": w, "position": int((kept[w] < pos).sum()), "peak": peak,
+                "group": group, "tokens": tokens[w], "acts": acts[j, kept[w], layer, i].tolist()}
+
+    slots = {w: j for j, w in enumerate(order)}
+
+    effects = logit_effects(clt, unembed, text, state.start, state.stop, s.logits)
+    rows = []
+    for layer in range(L):
+        for i in range(n):
+            norms, top_t, top_v, bot_t, bot_v = next(effects)
+            top = [example(layer, i, float(p), int(w), int(q), 0) for p, w, q in zip(
+                state.top_peak[layer, i], state.top_window[layer, i], state.top_pos[layer, i])
+                if w != EMPTY]
+            quant = [example(layer, i, p, w, q, g + 1)
+                     for g, group in enumerate(quantiles[layer, i]) for p, w, q in group]
+            quiet = [example(layer, i, 0.0, int(w), 0, -1)
+                     for w in state.quiet_window[layer, i] if w != EMPTY]
+            fired = int(state.fired[layer, i])
+            rows.append({
+                "layer": layer, "feature": state.start + i, "n_tokens": state.n_tokens,
+                "fired": fired, "frequency": fired / max(1, state.n_tokens),
+                "max_activation": top[0]["peak"] if top else 0.0,
+                "histogram": state.histogram[layer, i].tolist(), "top_examples": top,
+                "quantile_examples": quant, "quiet_examples": quiet, "decoder_norms": norms,
+                "top_logits": top_t,
+                "top_logit_values": top_v, "bottom_logits": bot_t, "bottom_logit_values": bot_v,
+            })
+    return rows
+
+
+def write_features(rows: list[dict], path: str | os.PathLike[str], meta: dict) -> Path:
+    """Parquet of feature rows (sorted by layer, feature), written under a temporary name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = sorted(rows, key=lambda r: (r["layer"], r["feature"]))
+    schema = FEATURE_SCHEMA.with_metadata({
+        "clt_ray": json.dumps({**meta, "histogram_edges": bin_edges().tolist()})})
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def unembedding(lm: Any) -> Tensor:
+    """The LM's unembedding [d, V] (its output embedding, transposed)."""
+    return lm.get_output_embeddings().weight.detach().float().cpu().T
+
+
+def collect_features(clt: Any, lm: Any, tokenizer: Any, ids: Tensor, mask: Tensor,
+                     input_hook: str, settings: TopKSettings | None = None,
+                     progress: bool = False) -> list[dict]:
+    """Both passes in this process over windows ids/mask [N, T]: rows of every feature of `clt`
+    (a whole CLT, or a feature shard of one for features [clt.start, clt.stop))."""
+    from tqdm import tqdm
+
+    from clt_ray.models import keep_mask
+
+    s = settings or TopKSettings()
+    valid = keep_mask(ids, mask)
+    ranges = feature_ranges(clt.start, clt.stop, s.range_size)
+    parts: dict[int, list[TopKState]] = {a: [] for a, _ in ranges}
+    chunks = range(0, len(ids), s.chunk_windows)
+    for c in tqdm(chunks, desc="top-k pass", unit="chunk", disable=not progress):
+        sl = slice(c, c + s.chunk_windows)
+        x = window_activations(lm, ids[sl], mask[sl], input_hook)
+        for st in chunk_states(clt, x, valid[sl], torch.arange(len(ids))[sl], ranges, s):
+            parts[st.start].append(st)
+    text, unembed, rows = TokenText(tokenizer), unembedding(lm), []
+    for a, b in ranges:
+
+        def window_acts(windows: list[int], a: int = a, b: int = b) -> Tensor:
+            w = torch.tensor(windows)
+            return encode_range(clt, window_activations(lm, ids[w], mask[w], input_hook), a, b)
+
+        rows += feature_rows(clt, merge_all(parts[a]), window_acts, ids, valid, text, unembed, s)
+    return rows

@@ -1,0 +1,245 @@
+"""A local OpenAI-compatible chat server for tests and benchmarks (stdlib only, no network).
+
+    with FakeLLMServer(latency_s=0.05, rate_429=0.1, seed=0) as server:
+        LLMConfig(base_url=server.url, model="fake", ...)
+
+Replies come from a pluggable `responder(messages) -> str`; faults (429, 500, a hang longer than
+the client's timeout, a garbage reply) are injected at configured rates. Whether a request
+faults is drawn from an RNG seeded by (seed, message key, how often that key was seen), so a run
+is reproducible whatever order the threads serve requests in. Every request is logged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from typing_extensions import Self
+
+Responder = Callable[[list[dict[str, Any]]], str]
+
+
+def last_user_message(messages: list[dict[str, Any]]) -> str:
+    for m in reversed(messages):
+        if m.get("role") == "user":
+            content = m.get("content")
+            return content if isinstance(content, str) else json.dumps(content)
+    return ""
+
+
+def message_key(messages: list[dict[str, Any]]) -> str:
+    """What the server log calls a request: a hash of its last user message."""
+    return hashlib.sha256(last_user_message(messages).encode()).hexdigest()[:16]
+
+
+def echo(messages: list[dict[str, Any]]) -> str:
+    return "echo: " + last_user_message(messages)
+
+
+def n_tokens(text: str) -> int:
+    """The server's usage counts: whitespace-separated words (deterministic, easy to check)."""
+    return len(text.split())
+
+
+@dataclass
+class LogEntry:
+    """One request, logged when it arrives; the usage is filled in when it is answered."""
+
+    t: float
+    """time.monotonic() when the request arrived."""
+    key: str
+    status: str
+    """"ok", "malformed", "429", "500" or "timeout"."""
+    authorization: str | None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class FakeLLMServer:
+    """POST /v1/chat/completions on 127.0.0.1:<free port>, served from a background thread."""
+
+    def __init__(
+        self,
+        responder: Responder = echo,
+        *,
+        latency_s: float = 0.0,
+        rate_429: float = 0.0,
+        rate_500: float = 0.0,
+        rate_timeout: float = 0.0,
+        rate_malformed: float = 0.0,
+        hang_s: float = 5.0,
+        retry_after_ms: int = 1,
+        seed: int = 0,
+    ) -> None:
+        self.responder = responder
+        self.latency_s = latency_s
+        self.rates = {"429": rate_429, "500": rate_500, "timeout": rate_timeout}
+        self.rate_malformed = rate_malformed
+        self.hang_s = hang_s
+        """How long a "timeout" fault hangs before closing without a reply."""
+        self.retry_after_ms = retry_after_ms
+        self.seed = seed
+        self.log: list[LogEntry] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self._lock = threading.Lock()
+        self._seen: dict[str, int] = {}
+        self._stopping = threading.Event()
+        self._httpd: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        assert self._httpd is not None, "server not started"
+        return f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
+
+    def start(self) -> Self:
+        self._httpd = _HTTPServer(("127.0.0.1", 0), _Handler)
+        self._httpd.fake = self
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()  # wakes handlers sleeping on latency or a hang
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def entries(self, status: str | None = None) -> list[LogEntry]:
+        with self._lock:
+            return [dataclasses.replace(e) for e in self.log if status in (None, e.status)]
+
+    def keys_requested(self) -> list[str]:
+        return [e.key for e in self.entries()]
+
+    # -- called from handler threads ------------------------------------------------------------
+
+    def _decide(self, key: str) -> str:
+        with self._lock:
+            n = self._seen.get(key, 0)
+            self._seen[key] = n + 1
+        rng = random.Random(f"{self.seed}:{key}:{n}")
+        u = rng.random()
+        for status, rate in self.rates.items():
+            if u < rate:
+                return status
+            u -= rate
+        return "malformed" if rng.random() < self.rate_malformed else "ok"
+
+    def _enter(self, entry: LogEntry) -> None:
+        with self._lock:
+            self.log.append(entry)
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+
+    def _leave(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
+
+    def _sleep(self, seconds: float) -> None:
+        if seconds > 0:
+            self._stopping.wait(seconds)
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024  # socketserver's default of 5 drops connects under a burst of 64
+    fake: FakeLLMServer
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as a real server
+    server: _HTTPServer
+    timeout = 60  # an idle keep-alive connection's thread ends eventually
+    disable_nagle_algorithm = True  # else the body waits ~40 ms for the client's delayed ACK
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("content-length", 0)))
+        if self.path.rstrip("/") != "/v1/chat/completions":
+            self._send(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
+            return
+        fake = self.server.fake
+        request = json.loads(body)
+        messages = request.get("messages", [])
+        key = message_key(messages)
+        status = fake._decide(key)
+        entry = LogEntry(time.monotonic(), key, status, self.headers.get("authorization"))
+        fake._enter(entry)
+        try:
+            fake._sleep(fake.latency_s)
+            if status == "timeout":
+                fake._sleep(fake.hang_s)
+                self.close_connection = True  # hang up without a reply
+            elif status in ("429", "500"):
+                headers = {"retry-after": "0", "retry-after-ms": str(fake.retry_after_ms)}
+                kind = "rate_limit_error" if status == "429" else "server_error"
+                self._send(int(status), {"error": {"message": kind, "type": kind}}, headers)
+            else:
+                text = fake.responder(messages)
+                if status == "malformed":
+                    text = "%%garbage " + hashlib.md5(text.encode()).hexdigest()[:8]
+                reply = _completion(request, messages, text)
+                with fake._lock:
+                    entry.prompt_tokens = reply["usage"]["prompt_tokens"]
+                    entry.completion_tokens = reply["usage"]["completion_tokens"]
+                self._send(200, reply)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        finally:
+            fake._leave()
+
+    def _send(self, code: int, payload: dict[str, Any], headers: dict[str, str] | None = None):
+        data = json.dumps(payload).encode()
+        self.send_response(code)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def _completion(request: dict[str, Any], messages: list[dict[str, Any]], text: str) -> dict:
+    prompt = sum(n_tokens(str(m.get("content", ""))) for m in messages)
+    completion = n_tokens(text)
+    return {
+        "id": "chatcmpl-" + hashlib.md5(f"{time.time_ns()}{text}".encode()).hexdigest()[:12],
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": request.get("model", "fake"),
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": "stop",
+                "logprobs": None,
+            }
+        ],
+        "usage": {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        },
+    }

@@ -1,0 +1,44 @@
+"""actors.autointerp: the Ray Data job gives exactly the single-process feature rows."""
+
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+
+from clt_ray.autointerp.collect import TopKSettings, collect_features
+
+SETTINGS = TopKSettings(k=5, range_size=16, chunk_windows=5)
+
+
+def test_ray_data_job_equals_single_process(ray_local, toy_clt, tmp_path):
+    from clt_ray.actors.autointerp import collect_on_ray
+
+    from clt_ray.checkpoint import load_checkpoint
+    from clt_ray.data import heldout_windows
+    from clt_ray.models import load_model
+
+    run = toy_clt.parent / "run"
+    out = collect_on_ray(run, tmp_path / "features.parquet", tokens=2048, features=(8, 40),
+                         settings=SETTINGS, actors=2, cpus_per_actor=0.5, log=lambda m: None)
+    got = pq.read_table(out).to_pylist()
+
+    loaded = load_checkpoint(run)
+    lm, tokenizer = load_model(loaded.config.model)
+    ids, mask = heldout_windows(tokenizer, loaded.config.data, 2048)
+    expected = collect_features(loaded.model.shard(8, 40), lm, tokenizer, ids, mask,
+                                loaded.config.model.input_hook, SETTINGS)
+    expected.sort(key=lambda r: (r["layer"], r["feature"]))
+    assert len(got) == len(expected) == 4 * 32
+    for g, e in zip(got, expected):
+        assert g.keys() == e.keys()
+        for key in g:
+            if key in ("top_examples", "quantile_examples"):
+                assert [(x["window"], x["position"], x["group"], x["tokens"]) for x in g[key]] \
+                    == [(x["window"], x["position"], x["group"], x["tokens"]) for x in e[key]]
+                for x, y in zip(g[key], e[key]):
+                    assert max(abs(a - b) for a, b in zip(x["acts"], y["acts"])) < 1e-5
+            elif isinstance(g[key], float):
+                assert abs(g[key] - e[key]) <= 1e-5 * max(1.0, abs(e[key])), key
+            elif key.endswith("values") or key == "decoder_norms":
+                assert max((abs(a - b) for a, b in zip(g[key], e[key])), default=0) < 1e-4, key
+            else:
+                assert g[key] == e[key], key
