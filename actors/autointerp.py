@@ -25,6 +25,7 @@ import pyarrow as pa
 import ray
 import torch
 from clt_ray.actors.cache_producer import FORWARDED_ENV
+from tqdm import tqdm
 
 from clt_ray.autointerp.collect import (
     FEATURE_SCHEMA,
@@ -188,27 +189,33 @@ class BudgetKeeper:
 
 
 class SharedBudget(Budget):
-    """A Budget whose spending is the whole pool's: each charge reports to the keeper, and the
-    total is re-read at most every REFRESH_S, so other actors' spending stops this one too."""
+    """A Budget whose spending is the whole pool's. Charges add up here and are sent to the
+    keeper, with the pool's total read back, at most every SYNC_S: a round trip per request
+    would stall the actor's event loop (~1 ms each). Without a cap nothing is sent at all."""
 
-    REFRESH_S = 0.05
+    SYNC_S = 0.05
 
     def __init__(self, limit_usd: float | None, keeper: Any) -> None:
         super().__init__(limit_usd)
-        self.keeper, self.read_at = keeper, 0.0
+        self.keeper, self.pending, self.synced_at = keeper, 0.0, 0.0
 
     def charge(self, usd: float) -> None:
-        self.spent_usd = ray.get(self.keeper.charge.remote(usd))
-        self.read_at = time.monotonic()
+        self.pending += usd
+        self.spent_usd += usd
 
     @property
     def exhausted(self) -> bool:
         if self.limit_usd is None:
             return False
-        if time.monotonic() - self.read_at > self.REFRESH_S:
-            self.spent_usd = ray.get(self.keeper.charge.remote(0.0))
-            self.read_at = time.monotonic()
+        if time.monotonic() - self.synced_at > self.SYNC_S:
+            self.spent_usd = ray.get(self.keeper.charge.remote(self.pending))
+            self.pending, self.synced_at = 0.0, time.monotonic()
         return self.spent_usd >= self.limit_usd
+
+    def flush(self) -> None:
+        if self.pending:
+            self.spent_usd = ray.get(self.keeper.charge.remote(self.pending))
+            self.pending = 0.0
 
 
 class LLMCaller:
@@ -219,7 +226,8 @@ class LLMCaller:
         import asyncio
 
         self.cache = ResultCache(cache_dir)
-        self.client = LLMClient(llm, self.cache, SharedBudget(llm.budget_usd, keeper[0]))
+        self.budget = SharedBudget(llm.budget_usd, keeper[0])
+        self.client = LLMClient(llm, self.cache, self.budget)
         self.lock = asyncio.Lock()
 
     async def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
@@ -231,14 +239,17 @@ class LLMCaller:
                             for i in idx]
                 for res in await self.client.run(requests, parser(name)):
                     results[res.key] = res
+            self.budget.flush()  # the next stage's actors see this one's spending
         return {"result": [results[str(k)].to_json() for k in batch["key"]]}
 
 
 def call_on_ray(requests: list[dict], llm: LLMConfig, cache_dir: str, *, actors: int = 2,
-                cpus_per_actor: float = 0.25, keeper: Any = None) -> list[LLMResult]:
+                cpus_per_actor: float = 0.25, keeper: Any = None, progress: bool = False,
+                desc: str = "LLM") -> list[LLMResult]:
     """Results in request order, from `actors` LLMCaller actors (llm.concurrency split between
     them). A rerun with the same cache folder sends only what is missing. keeper: the run's
-    BudgetKeeper, when several calls share one budget."""
+    BudgetKeeper, when several calls share one budget. progress: a bar with requests/s, failures
+    and the cost so far (results arrive as each actor batch finishes)."""
     if not requests:
         return []
     share = llm.model_copy(update={"concurrency": max(1, -(-llm.concurrency // actors))})
@@ -251,10 +262,14 @@ def call_on_ray(requests: list[dict], llm: LLMConfig, cache_dir: str, *, actors:
     ds = ray.data.from_items(items).map_batches(
         LLMCaller, fn_constructor_args=(share, cache_dir, [keeper]), batch_size=per_batch,
         concurrency=actors, num_cpus=cpus_per_actor, runtime_env={"env_vars": env})
-    by_key = {}
-    for row in ds.iter_rows():
-        res = LLMResult.from_json(row["result"])
-        by_key[res.key] = res
+    by_key, cost, failed = {}, 0.0, 0
+    with tqdm(total=len(requests), desc=desc, unit="req", disable=not progress) as bar:
+        for row in ds.iter_rows():
+            res = LLMResult.from_json(row["result"])
+            by_key[res.key] = res
+            cost, failed = cost + res.cost_usd, failed + (not res.ok)
+            bar.update()
+            bar.set_postfix(failed=failed, cost=f"${cost:.4f}", refresh=False)
     if own_keeper:
         ray.kill(keeper)
     return [by_key[r["key"]] for r in requests]
@@ -300,7 +315,7 @@ def graph_features(folder: str | os.PathLike[str]) -> set[tuple[int, int]]:
     return out
 
 
-def run_autointerp(cfg: AutoInterpConfig, log=print) -> dict[str, Any]:
+def run_autointerp(cfg: AutoInterpConfig, log=print, progress: bool = False) -> dict[str, Any]:
     """Top-k statistics (reused when the folder already has them for these settings), then
     explanations, then scores; Parquet files in cfg.out. Returns the summary it printed."""
     import pyarrow.parquet as pq
@@ -334,14 +349,15 @@ def run_autointerp(cfg: AutoInterpConfig, log=print) -> dict[str, Any]:
     asked = explanation_requests(rows, cfg.llm.model, cfg.explain_examples)
     log(f"explaining {len(asked)} features with {cfg.llm.model} at {cfg.llm.base_url}")
     keeper = BudgetKeeper.remote()  # one budget for explanations and scores
-    results = call_on_ray(asked, cfg.llm, cache, actors=cfg.actors, keeper=keeper)
+    results = call_on_ray(asked, cfg.llm, cache, actors=cfg.actors, keeper=keeper,
+                          progress=progress, desc="explanations")
     explained = explanation_rows(asked, results)
     write_table(explained, out / "explanations.parquet")
     texts = {(r["layer"], r["feature"]): r["explanation"] for r in explained if r["ok"]}
     scored_q = scoring_requests(rows, texts, cfg.scorers, cfg.llm.model, cfg.score_examples)
     log(f"scoring {len(texts)} explanations: {len(scored_q)} questions ({', '.join(cfg.scorers)})")
     scored = score_rows(scored_q, call_on_ray(scored_q, cfg.llm, cache, actors=cfg.actors,
-                                              keeper=keeper))
+                                              keeper=keeper, progress=progress, desc="scores"))
     ray.kill(keeper)
     write_table(scored, out / "scores.parquet")
     every = explained + scored

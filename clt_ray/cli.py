@@ -507,7 +507,7 @@ def autointerp_command(config_path: Path, out: str | None, address: str | None) 
 
     load_checkpoint(cfg.checkpoint)  # a bad checkpoint fails before Ray starts
     ensure_ray(address)
-    summary = run_autointerp(cfg, log=click.echo)
+    summary = run_autointerp(cfg, log=click.echo, progress=True)
     click.echo(f"{summary['explained']} of {summary['features']} features explained "
                f"({summary['explain_failed']} failed), {summary['scored']} scores "
                f"({summary['score_failed']} failed)")

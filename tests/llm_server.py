@@ -1,4 +1,4 @@
-"""A local OpenAI-compatible chat server for tests and benchmarks (stdlib only, no network).
+"""A local OpenAI-compatible chat server for tests and benchmarks (aiohttp, 127.0.0.1 only).
 
     with FakeLLMServer(latency_s=0.05, rate_429=0.1, seed=0) as server:
         LLMConfig(base_url=server.url, model="fake", ...)
@@ -11,6 +11,7 @@ is reproducible whatever order the threads serve requests in. Every request is l
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import json
@@ -19,9 +20,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from aiohttp import web
 from typing_extensions import Self
 
 Responder = Callable[[list[dict[str, Any]]], str]
@@ -93,30 +94,54 @@ class FakeLLMServer:
         self._lock = threading.Lock()
         self._seen: dict[str, int] = {}
         self._stopping = threading.Event()
-        self._httpd: ThreadingHTTPServer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._runner: web.AppRunner | None = None
+        self._port: int | None = None
         self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
-        assert self._httpd is not None, "server not started"
-        return f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
+        assert self._port is not None, "server not started"
+        return f"http://127.0.0.1:{self._port}/v1"
 
     def start(self) -> Self:
-        self._httpd = _HTTPServer(("127.0.0.1", 0), _Handler)
-        self._httpd.fake = self
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
+        """Serve from an asyncio loop in a background thread (aiohttp: a real async server,
+        cheap per request, so a benchmark measures the client rather than this double)."""
+        ready = threading.Event()
+        self._loop = asyncio.new_event_loop()
+
+        async def serve() -> None:
+            app = web.Application()
+            app.router.add_post("/v1/chat/completions", self._handle)
+            self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+            await self._runner.setup()
+            site = web.TCPSite(self._runner, "127.0.0.1", 0, backlog=1024)
+            await site.start()
+            self._port = site._server.sockets[0].getsockname()[1]
+            ready.set()
+
+        def run() -> None:
+            asyncio.set_event_loop(self._loop)
+            self._loop.run_until_complete(serve())
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=run, daemon=True)
         self._thread.start()
+        if not ready.wait(10):
+            raise RuntimeError("the fake LLM server did not start")
         return self
 
     def stop(self) -> None:
         self._stopping.set()  # wakes handlers sleeping on latency or a hang
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
+        if self._loop is None:
+            return
+        if self._runner is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
         if self._thread is not None:
             self._thread.join(timeout=5)
+        self._loop.close()
+        self._loop = None
 
     def __enter__(self) -> Self:
         return self.start()
@@ -131,7 +156,7 @@ class FakeLLMServer:
     def keys_requested(self) -> list[str]:
         return [e.key for e in self.entries()]
 
-    # -- called from handler threads ------------------------------------------------------------
+    # -- called on the server's loop ------------------------------------------------------------
 
     def _decide(self, key: str) -> str:
         with self._lock:
@@ -155,70 +180,39 @@ class FakeLLMServer:
         with self._lock:
             self.in_flight -= 1
 
-    def _sleep(self, seconds: float) -> None:
-        if seconds > 0:
-            self._stopping.wait(seconds)
+    async def _sleep(self, seconds: float) -> None:
+        if seconds > 0 and not self._stopping.is_set():
+            await asyncio.sleep(seconds)
 
-
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 1024  # socketserver's default of 5 drops connects under a burst of 64
-    fake: FakeLLMServer
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive, as a real server
-    server: _HTTPServer
-    timeout = 60  # an idle keep-alive connection's thread ends eventually
-    disable_nagle_algorithm = True  # else the body waits ~40 ms for the client's delayed ACK
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers.get("content-length", 0)))
-        if self.path.rstrip("/") != "/v1/chat/completions":
-            self._send(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
-            return
-        fake = self.server.fake
-        request = json.loads(body)
+    async def _handle(self, req: web.Request) -> web.StreamResponse:
+        request = await req.json()
         messages = request.get("messages", [])
         key = message_key(messages)
-        status = fake._decide(key)
-        entry = LogEntry(time.monotonic(), key, status, self.headers.get("authorization"))
-        fake._enter(entry)
+        status = self._decide(key)
+        entry = LogEntry(time.monotonic(), key, status, req.headers.get("authorization"))
+        self._enter(entry)
         try:
-            fake._sleep(fake.latency_s)
+            await self._sleep(self.latency_s)
             if status == "timeout":
-                fake._sleep(fake.hang_s)
-                self.close_connection = True  # hang up without a reply
-            elif status in ("429", "500"):
-                headers = {"retry-after": "0", "retry-after-ms": str(fake.retry_after_ms)}
+                await self._sleep(self.hang_s)
+                if req.transport is not None:
+                    req.transport.close()  # hang up without a reply
+                return web.Response(status=499)
+            if status in ("429", "500"):
+                headers = {"retry-after": "0", "retry-after-ms": str(self.retry_after_ms)}
                 kind = "rate_limit_error" if status == "429" else "server_error"
-                self._send(int(status), {"error": {"message": kind, "type": kind}}, headers)
-            else:
-                text = fake.responder(messages)
-                if status == "malformed":
-                    text = "%%garbage " + hashlib.md5(text.encode()).hexdigest()[:8]
-                reply = _completion(request, messages, text)
-                with fake._lock:
-                    entry.prompt_tokens = reply["usage"]["prompt_tokens"]
-                    entry.completion_tokens = reply["usage"]["completion_tokens"]
-                self._send(200, reply)
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
+                return web.json_response({"error": {"message": kind, "type": kind}},
+                                         status=int(status), headers=headers)
+            text = self.responder(messages)
+            if status == "malformed":
+                text = "%%garbage " + hashlib.md5(text.encode()).hexdigest()[:8]
+            reply = _completion(request, messages, text)
+            with self._lock:
+                entry.prompt_tokens = reply["usage"]["prompt_tokens"]
+                entry.completion_tokens = reply["usage"]["completion_tokens"]
+            return web.json_response(reply)
         finally:
-            fake._leave()
-
-    def _send(self, code: int, payload: dict[str, Any], headers: dict[str, str] | None = None):
-        data = json.dumps(payload).encode()
-        self.send_response(code)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(data)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(data)
+            self._leave()
 
 
 def _completion(request: dict[str, Any], messages: list[dict[str, Any]], text: str) -> dict:

@@ -28,7 +28,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from typing_extensions import Self
@@ -39,7 +39,11 @@ log = logging.getLogger(__name__)
 
 BUDGET_EXHAUSTED = "budget exhausted"
 NO_KEY = "EMPTY"  # what local servers (vLLM, SGLang) accept when no key is configured
-POOL_SIZE = 8  # connections per HTTP client (see LLMClient.run)
+POOL_SIZE = 8  # connections per httpx client (see LLMClient._open_clients)
+PLATFORM_HEADERS = ("X-Stainless-Lang", "X-Stainless-Package-Version", "X-Stainless-OS",
+                    "X-Stainless-Arch", "X-Stainless-Runtime", "X-Stainless-Runtime-Version")
+"""openai's telemetry headers, left out (`Omit`): each header is re-encoded several times per
+request, and at hundreds of requests/s per process that CPU is the limit."""
 
 
 class LLMConfig(StrictModel):
@@ -59,6 +63,8 @@ class LLMConfig(StrictModel):
     """USD per million tokens, for the cost counts and the budget."""
     budget_usd: NonNegativeFloat | None = None
     """Stop sending once this much is spent (None: no cap)."""
+    http: Literal["aiohttp", "httpx"] = "aiohttp"
+    """openai's HTTP transport: aiohttp costs less CPU per request (the limit of one process)."""
 
     def api_key(self) -> str:
         return os.environ.get(self.api_key_env) or NO_KEY
@@ -304,24 +310,31 @@ class LLMClient:
                 await client.close()
 
     def _open_clients(self, n_workers: int) -> list[Any]:
-        """One openai client per POOL_SIZE workers. Several small connection pools rather than
-        one: httpcore scans its whole pool on every request and release, which was the top CPU
-        cost per request with 64 connections in one pool."""
-        from openai import AsyncOpenAI, DefaultAsyncHttpxClient  # here: keeps the import cheap
+        """openai clients for n_workers concurrent requests. With the aiohttp transport (openai's
+        `DefaultAioHttpClient`, the default) one client: 1.6 ms of CPU per request against 2.3 ms
+        for httpx (bench/autointerp.py), the limit of one process's request rate. With httpx one
+        client per POOL_SIZE workers: httpcore scans its whole pool on every request and
+        release, which was the top CPU cost per request with 64 connections in one pool."""
+        from openai import AsyncOpenAI, DefaultAioHttpClient, DefaultAsyncHttpxClient, Omit
+
+        LEAN_HEADERS = {h: Omit() for h in PLATFORM_HEADERS}
 
         cfg = self.config
         tls = ssl.create_default_context()  # shared: loading the CA bundle costs ~20 ms each
+        if cfg.http == "aiohttp":  # one pool: aiohttp's does not slow down with its size
+            http, n_clients = DefaultAioHttpClient, 1
+        else:
+            http, n_clients = DefaultAsyncHttpxClient, -(-n_workers // POOL_SIZE)
         return [
             AsyncOpenAI(
                 base_url=cfg.base_url,
                 api_key=cfg.api_key(),
                 timeout=cfg.timeout_s,
                 max_retries=cfg.max_retries,
-                http_client=DefaultAsyncHttpxClient(
-                    verify=tls, event_hooks={"request": [_count_try]}
-                ),
+                http_client=http(verify=tls, event_hooks={"request": [_count_try]}),
+                default_headers=LEAN_HEADERS,
             )
-            for _ in range(-(-n_workers // POOL_SIZE))
+            for _ in range(n_clients)
         ]
 
     async def _write(self, queue: asyncio.Queue[LLMResult | None]) -> None:
