@@ -51,6 +51,7 @@ from clt_ray.autointerp.llm import (
 from clt_ray.autointerp.tasks import parser
 from clt_ray.autointerp.topk import TopKState, encode_range, merge_all
 from clt_ray.config import DataConfig
+from clt_ray.fsutil import atomic_write_parquet
 
 
 def state_bytes(state: TopKState) -> bytes:
@@ -134,16 +135,18 @@ def collect_on_ray(checkpoint: str | os.PathLike[str], out: str | os.PathLike[st
                    data: DataConfig | None = None, tokens: int = 65536,
                    features: tuple[int, int] | None = None,
                    settings: TopKSettings | None = None, actors: int = 2,
-                   cpus_per_actor: float = 0.5, log=print, extra: dict | None = None) -> Path:
+                   cpus_per_actor: float = 0.5, log=print, extra: dict | None = None,
+                   loaded: Any = None) -> Path:
     """Feature statistics of a checkpoint's CLT over `tokens` held-out tokens of `data` (default:
     its run config's corpus) → Parquet at `out`, one row per feature (collect.FEATURE_SCHEMA).
-    features: only [start, stop) of each layer. Ray must be initialised (ensure_ray)."""
+    features: only [start, stop) of each layer. loaded: the checkpoint, if already loaded. Ray
+    must be initialised (ensure_ray)."""
     from clt_ray.checkpoint import load_checkpoint
     from clt_ray.data import heldout_windows
     from clt_ray.models.loading import load_tokenizer
 
     s = settings or TopKSettings()
-    loaded = load_checkpoint(checkpoint)
+    loaded = loaded or load_checkpoint(checkpoint)
     cfg = loaded.config
     if cfg is None:
         raise ValueError(f"{checkpoint}: saved without its run config (model and corpus)")
@@ -315,10 +318,13 @@ def graph_features(folder: str | os.PathLike[str]) -> set[tuple[int, int]]:
     return out
 
 
-def run_autointerp(cfg: AutoInterpConfig, log=print, progress: bool = False) -> dict[str, Any]:
+def run_autointerp(cfg: AutoInterpConfig, log=print, progress: bool = False,
+                   address: str | None = None) -> dict[str, Any]:
     """Top-k statistics (reused when the folder already has them for these settings), then
-    explanations, then scores; Parquet files in cfg.out. Returns the summary it printed."""
+    explanations, then scores; Parquet files in cfg.out. The checkpoint is loaded (and checked)
+    before Ray starts (ensure_ray(address)). Returns the run's summary."""
     import pyarrow.parquet as pq
+    from clt_ray.actors.cache_producer import ensure_ray
 
     from clt_ray.autointerp.tasks import (
         explanation_requests,
@@ -328,9 +334,11 @@ def run_autointerp(cfg: AutoInterpConfig, log=print, progress: bool = False) -> 
     )
     from clt_ray.checkpoint import load_checkpoint
 
+    loaded = load_checkpoint(cfg.checkpoint)
+    ensure_ray(address)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    n_features = load_checkpoint(cfg.checkpoint).model.cfg.n_features
+    n_features = loaded.model.cfg.n_features
     (lo, hi), keep = chosen_features(cfg, n_features)
     t = cfg.topk
     settings = TopKSettings(k=t.k, samples_per_bin=t.samples_per_bin, range_size=t.range_size,
@@ -341,7 +349,7 @@ def run_autointerp(cfg: AutoInterpConfig, log=print, progress: bool = False) -> 
     if not features_file.is_file() or _metadata(features_file).get("request") != wanted:
         collect_on_ray(cfg.checkpoint, features_file, tokens=t.tokens, features=(lo, hi),
                        settings=settings, actors=cfg.actors, cpus_per_actor=cfg.cpus_per_actor,
-                       log=log, extra={"request": wanted})
+                       log=log, extra={"request": wanted}, loaded=loaded)
     else:
         log(f"reusing {features_file}")
     rows = [r for r in pq.read_table(features_file).to_pylist() if keep(r["layer"], r["feature"])]
@@ -352,14 +360,14 @@ def run_autointerp(cfg: AutoInterpConfig, log=print, progress: bool = False) -> 
     results = call_on_ray(asked, cfg.llm, cache, actors=cfg.actors, keeper=keeper,
                           progress=progress, desc="explanations")
     explained = explanation_rows(asked, results)
-    write_table(explained, out / "explanations.parquet")
+    atomic_write_parquet(explained, out / "explanations.parquet")
     texts = {(r["layer"], r["feature"]): r["explanation"] for r in explained if r["ok"]}
     scored_q = scoring_requests(rows, texts, cfg.scorers, cfg.llm.model, cfg.score_examples)
     log(f"scoring {len(texts)} explanations: {len(scored_q)} questions ({', '.join(cfg.scorers)})")
     scored = score_rows(scored_q, call_on_ray(scored_q, cfg.llm, cache, actors=cfg.actors,
                                               keeper=keeper, progress=progress, desc="scores"))
     ray.kill(keeper)
-    write_table(scored, out / "scores.parquet")
+    atomic_write_parquet(scored, out / "scores.parquet")
     every = explained + scored
     summary = {
         "features": len(rows), "explained": len(texts),
@@ -383,11 +391,3 @@ def _metadata(path: Path) -> dict:
     return json.loads(raw) if raw else {}
 
 
-def write_table(rows: list[dict], path: Path) -> Path:
-    """Parquet written under a temporary name, then renamed."""
-    import pyarrow.parquet as pq
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(pa.Table.from_pylist(rows), tmp)
-    os.replace(tmp, path)
-    return path

@@ -38,7 +38,7 @@ from pydantic import Field, PositiveInt
 from safetensors import safe_open
 
 from clt_ray.config import CltRayError, StrictModel
-from clt_ray.fsutil import atomic_write_text
+from clt_ray.fsutil import atomic_write_parquet, atomic_write_text
 
 Backend = Literal["auto", "transformerlens", "nnsight"]
 BACKENDS: tuple[str, ...] = ("auto", "transformerlens", "nnsight")
@@ -518,18 +518,6 @@ def graph_scorer_for(cfg: Any, lm: Any, tokenizer: Any) -> GraphScorer | None:
 # --- many prompts, the frontend ----------------------------------------------------------------
 
 
-def write_summary(rows: list[dict[str, Any]], out_dir: str | os.PathLike[str]) -> Path:
-    """graphs.parquet: one row per graph (prompt, slug, tokens, nodes, edges, scores, time)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    path = Path(out_dir) / SUMMARY_FILE
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(pa.Table.from_pylist(rows), tmp)
-    os.replace(tmp, path)
-    return path
-
-
 def serve_frontend(data_dir: str | os.PathLike[str], host: str = "127.0.0.1", port: int = 8032
                    ) -> Any:
     """circuit-tracer's bundled frontend over `data_dir` (graph JSON, graph-metadata.json,
@@ -610,7 +598,7 @@ def attribute_prompts(
         write_graph(result, out_dir, slug, scan, settings)
         features.update((layer, f) for layer, _, f in result.feature_nodes())
         rows.append({"slug": slug, **result.summary()})
-    write_summary(rows, out_dir)
+    atomic_write_parquet(rows, out_dir / SUMMARY_FILE)  # one row per graph
     windows = example_windows(rm, folder, corpus, example_tokens)
     if windows is None:
         log("no corpus for feature examples (pass --corpus): dashboards show logit effects only")

@@ -496,18 +496,13 @@ def autointerp_command(config_path: Path, out: str | None, address: str | None) 
     actor pool of async clients. The API key comes only from the environment variable named by
     llm.api_key_env. A rerun reuses what is done and asks the endpoint only for what is missing."""
     from clt_ray.actors.autointerp import run_autointerp
-    from clt_ray.actors.cache_producer import ensure_ray
     from clt_ray.autointerp.config import AutoInterpConfig
     from clt_ray.config import load_config
 
     cfg = load_config(config_path, AutoInterpConfig)
     if out is not None:
         cfg = cfg.model_copy(update={"out": out})
-    from clt_ray.checkpoint import load_checkpoint
-
-    load_checkpoint(cfg.checkpoint)  # a bad checkpoint fails before Ray starts
-    ensure_ray(address)
-    summary = run_autointerp(cfg, log=click.echo, progress=True)
+    summary = run_autointerp(cfg, log=click.echo, progress=True, address=address)
     click.echo(f"{summary['explained']} of {summary['features']} features explained "
                f"({summary['explain_failed']} failed), {summary['scored']} scores "
                f"({summary['score_failed']} failed)")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import heapq
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,16 +75,6 @@ class ExamplesGroup:
     entries: list[tuple[float, int, int]]
 
 
-class WindowActs:
-    """Per-window activations of one feature, kept only for the windows its examples show."""
-
-    def __init__(self, acts: dict[int, Tensor]) -> None:
-        self.acts = acts
-
-    def __call__(self, window: int) -> Tensor:
-        return self.acts[window]
-
-
 def _example(tokens: Sequence[str], acts: Tensor, position: int) -> dict:
     lo, hi = max(0, position - EXAMPLE_BEFORE), min(len(tokens), position + EXAMPLE_AFTER + 1)
     return {"tokens": list(tokens[lo:hi]),
@@ -93,11 +83,11 @@ def _example(tokens: Sequence[str], acts: Tensor, position: int) -> dict:
 
 
 def feature_json(stats: FeatureStats, transcoder_id: str, windows: Sequence[Sequence[str]],
-                 window_acts: WindowActs, top_logits: list[str], bottom_logits: list[str]
-                 ) -> dict:
+                 window_acts: Mapping[int, Tensor], top_logits: list[str],
+                 bottom_logits: list[str]) -> dict:
     """circuit-tracer's feature dashboard (frontend.feature_models.Model) of one feature.
 
-    windows: the token strings of every window; window_acts(window) -> this feature's acts [T]."""
+    windows: the token strings of every window; window_acts[window]: this feature's acts [T]."""
     values = stats.all_values
     act_max = float(values.max()) if values.numel() else 0.0
     quantiles = [ExamplesGroup("Top activations", sorted(stats.top, reverse=True))]
@@ -118,7 +108,7 @@ def feature_json(stats: FeatureStats, transcoder_id: str, windows: Sequence[Sequ
         "index": cantor_pair(stats.layer, stats.feature),
         "examples_quantiles": [
             {"quantile_name": g.name,
-             "examples": [_example(windows[w], window_acts(w), pos) for _, w, pos in g.entries]}
+             "examples": [_example(windows[w], window_acts[w], pos) for _, w, pos in g.entries]}
             for g in quantiles],
         "top_logits": top_logits,
         "bottom_logits": bottom_logits,
@@ -131,7 +121,7 @@ def feature_json(stats: FeatureStats, transcoder_id: str, windows: Sequence[Sequ
 
 
 def collect(features: Sequence[tuple[int, int]], n_windows: int, encode
-            ) -> tuple[dict[tuple[int, int], FeatureStats], dict[tuple[int, int], WindowActs]]:
+            ) -> tuple[dict[tuple[int, int], FeatureStats], dict[tuple[int, int], dict[int, Tensor]]]:
     """Statistics of `features` [(layer, feature)] over windows 0..n_windows−1.
 
     encode(window) -> (acts [T, n_features] of the chosen features in order, valid [T] bool).
@@ -146,7 +136,7 @@ def collect(features: Sequence[tuple[int, int]], n_windows: int, encode
             stats[f].add(w, column, valid)
             if bool((column > 0).any()):
                 kept[f][w] = column
-    return stats, {f: WindowActs(kept[f]) for f in features}
+    return stats, kept
 
 
 def logit_effects(direction: Tensor, unembed: Tensor, token_strings: Sequence[str], k: int = 10

@@ -29,6 +29,17 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def atomic_write_parquet(rows: list[dict], path: str | os.PathLike[str], schema=None) -> Path:
+    """Rows as a Parquet file (with `schema`, a pyarrow schema, when given), atomically."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), sink)
+    atomic_write_bytes(path, sink.getvalue().to_pybytes())
+    return Path(path)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary sibling folder to fill; it becomes `path` only if the block succeeds.

@@ -806,16 +806,17 @@ def train_from_config(
 
     return finish_run(cfg, run_dir, trainer.model, trainer.state, lm=lm, tokenizer=tokenizer,
                       start_time=start_time, splice=splice, interrupted=trainer.interrupted,
-                      heldout=(ids, mask))
+                      heldout=(ids, mask), graph_scorer=trainer.graph_scorer)
 
 
 def finish_run(cfg: Any, run_dir: Path, clt: CrossLayerTranscoder, state: TrainingState, *,
                lm: Any, tokenizer: Any, start_time: float, splice: bool = True,
-               interrupted: bool = False, heldout: tuple[Tensor, Tensor] | None = None
+               interrupted: bool = False, heldout: tuple[Tensor, Tensor] | None = None,
+               graph_scorer: Callable[[CrossLayerTranscoder], dict[str, Any]] | None = None
                ) -> RunResult:
     """The end of a run (one process or Ray): the final held-out evaluation of the whole CLT
     (with the splice CE/KL) on `heldout` windows (ids, mask; default: the config's),
-    summary.json, and the RunResult."""
+    summary.json, and the RunResult. graph_scorer: the run's (default: built from the config)."""
     from clt_ray import metrics
     from clt_ray.attribution import graph_scorer_for
     from clt_ray.checkpoint import list_checkpoints
@@ -830,7 +831,7 @@ def finish_run(cfg: Any, run_dir: Path, clt: CrossLayerTranscoder, state: Traini
                              batch_size=cfg.data.lm_batch_size, splice=splice,
                              fired_counters=state.tokens_since_fired,
                              dead_window=cfg.train.dead_after_tokens)
-    scorer = graph_scorer_for(cfg, lm, tokenizer)
+    scorer = graph_scorer or graph_scorer_for(cfg, lm, tokenizer)
     if scorer is not None:
         final.update(scorer(clt))
     seconds = time.monotonic() - start_time

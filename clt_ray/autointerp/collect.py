@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 
@@ -32,6 +31,7 @@ from clt_ray.autointerp.topk import (
     merge_all,
     quantile_examples,
 )
+from clt_ray.fsutil import atomic_write_parquet
 
 EXAMPLE = pa.struct([("window", pa.int64()), ("position", pa.int32()), ("peak", pa.float32()),
                      ("group", pa.int32()), ("tokens", pa.list_(pa.string())),
@@ -163,15 +163,10 @@ def feature_rows(clt: Any, state: TopKState, window_acts: Callable[[list[int]], 
 
 def write_features(rows: list[dict], path: str | os.PathLike[str], meta: dict) -> Path:
     """Parquet of feature rows (sorted by layer, feature), written under a temporary name."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     rows = sorted(rows, key=lambda r: (r["layer"], r["feature"]))
     schema = FEATURE_SCHEMA.with_metadata({
         "clt_ray": json.dumps({**meta, "histogram_edges": bin_edges().tolist()})})
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_write_parquet(rows, path, schema)
 
 
 def unembedding(lm: Any) -> Tensor:

@@ -1,8 +1,7 @@
 """From feature rows to LLM requests and back to result tables (no Ray, no HTTP).
 
-A request is a plain dict — key, messages, parser and the feature it is about — so the same list
-runs in this process (`run_in_process`) or through the Ray Data actor pool (actors/autointerp.py),
-and the tables come out the same.
+A request is a plain dict — key, messages, parser and the feature it is about — that the Ray
+Data actor pool (actors/autointerp.call_on_ray) sends and the tables are built back from.
 """
 
 from __future__ import annotations
@@ -11,7 +10,7 @@ import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from clt_ray.autointerp.llm import LLMClient, LLMConfig, LLMRequest, LLMResult, ResultCache
+from clt_ray.autointerp.llm import LLMResult
 from clt_ray.autointerp.prompts import (
     detection_task,
     explanation_messages,
@@ -68,24 +67,6 @@ def scoring_requests(rows: Sequence[dict], explanations: dict[tuple[int, int], s
                         "parser": f"answer:{len(task.labels)}", "layer": r["layer"],
                         "feature": r["feature"], "task": name, "labels": task.labels})
     return out
-
-
-def run_in_process(requests: Sequence[dict], llm: LLMConfig, cache_dir: str | None = None
-                   ) -> tuple[list[LLMResult], Any]:
-    """Results in request order, and the client's stats (one client, grouped by parser)."""
-    cache = ResultCache(cache_dir) if cache_dir else None
-    client = LLMClient(llm, cache)
-    results: dict[str, LLMResult] = {}
-    try:
-        for name in sorted({r["parser"] for r in requests}):
-            group = [r for r in requests if r["parser"] == name]
-            done = client.run_sync([LLMRequest(r["key"], r["messages"]) for r in group],
-                                   parser(name))
-            results.update((res.key, res) for res in done)
-    finally:
-        if cache is not None:
-            cache.close()
-    return [results[r["key"]] for r in requests], client.stats
 
 
 def _result_columns(res: LLMResult) -> dict[str, Any]:
