@@ -8,6 +8,11 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 PYTEST_ARGS ?=
+DEMO_ARGS ?=  # e.g. --no-serve: end without serving the viewer
+
+# Debian's chromium for the viewer's browser tests (Playwright drives /usr/bin/chromium; it never
+# downloads a browser of its own). Installed once; the stamp skips the check afterwards.
+CHROMIUM ?= /usr/bin/chromium
 
 .PHONY: demo test lint clean-venv
 
@@ -28,9 +33,14 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.torch
 	touch $@ $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/clt-ray demo
+	$(VENV)/bin/clt-ray demo $(DEMO_ARGS)
 
-test: $(VENV)/.installed-test
+$(VENV)/.chromium: | $(PY)
+	@test -x $(CHROMIUM) || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core; }
+	touch $@
+
+test: $(VENV)/.installed-test $(VENV)/.chromium
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-test

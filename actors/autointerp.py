@@ -27,13 +27,16 @@ import torch
 from clt_ray.actors.cache_producer import FORWARDED_ENV
 from tqdm import tqdm
 
+from clt_ray.autointerp.cache_source import CacheWindows, cache_windows, window_inputs
 from clt_ray.autointerp.collect import (
     FEATURE_SCHEMA,
     TokenText,
     TopKSettings,
     chunk_states,
+    clt_decoder_rows,
     feature_ranges,
     feature_rows,
+    logit_effects,
     unembedding,
     window_activations,
     write_features,
@@ -69,7 +72,8 @@ def state_from_bytes(data: bytes) -> TopKState:
 
 
 class _Worker:
-    """The LM, the CLT (features [start, stop) of a checkpoint) and the windows, loaded once."""
+    """The LM, the CLT (features [start, stop) of a checkpoint) and the windows, loaded once.
+    windows: [ref of (ids, mask)] or, for the cache source, [ref of a CacheWindows]."""
 
     def __init__(self, checkpoint: str, features: tuple[int, int] | None, windows: list,
                  settings: TopKSettings) -> None:
@@ -81,10 +85,14 @@ class _Worker:
         self.cfg, self.settings = loaded.config, settings
         self.clt = loaded.model if features is None else loaded.model.shard(*features)
         self.lm, self.tokenizer = load_model(self.cfg.model)
-        self.ids, self.mask = ray.get(windows[0])
+        source = ray.get(windows[0])
+        self.cache = source if isinstance(source, CacheWindows) else None
+        self.ids, self.mask = (source.ids, source.mask) if self.cache else source
         self.valid = keep_mask(self.ids, self.mask)
 
     def x(self, windows: torch.Tensor) -> torch.Tensor:
+        if self.cache is not None:
+            return window_inputs(self.cache, windows)
         return window_activations(self.lm, self.ids[windows], self.mask[windows],
                                   self.cfg.model.input_hook)
 
@@ -95,8 +103,8 @@ class ChunkStates(_Worker):
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         s, out = self.settings, {"start": [], "state": []}
         ranges = feature_ranges(self.clt.start, self.clt.stop, s.range_size)
-        for first in batch["chunk"].tolist():
-            windows = torch.arange(first, min(first + s.chunk_windows, len(self.ids)))
+        for first, stop in zip(batch["first"].tolist(), batch["stop"].tolist()):
+            windows = torch.arange(first, stop)
             for st in chunk_states(self.clt, self.x(windows), self.valid[windows], windows,
                                    ranges, s):
                 out["start"].append(st.start)
@@ -116,6 +124,7 @@ class RangeRows(_Worker):
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         self.text, self.unembed = TokenText(self.tokenizer), unembedding(self.lm)
+        self.decoder = clt_decoder_rows(self.clt)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         rows = []
@@ -126,8 +135,10 @@ class RangeRows(_Worker):
                 w = torch.tensor(windows)
                 return encode_range(self.clt, self.x(w), st.start, st.stop)
 
-            rows += feature_rows(self.clt, state, window_acts, self.ids, self.valid, self.text,
-                                 self.unembed, self.settings)
+            effects = logit_effects(self.decoder, self.clt.cfg.n_layers, self.unembed, self.text,
+                                    state.start, state.stop, self.settings.logits)
+            rows += feature_rows(state, window_acts, self.ids, self.valid, self.text, effects,
+                                 self.settings)
         return pa.Table.from_pylist(rows, schema=FEATURE_SCHEMA)
 
 
@@ -136,11 +147,13 @@ def collect_on_ray(checkpoint: str | os.PathLike[str], out: str | os.PathLike[st
                    features: tuple[int, int] | None = None,
                    settings: TopKSettings | None = None, actors: int = 2,
                    cpus_per_actor: float = 0.5, log=print, extra: dict | None = None,
-                   loaded: Any = None) -> Path:
+                   loaded: Any = None, cache: str | None = None) -> Path:
     """Feature statistics of a checkpoint's CLT over `tokens` held-out tokens of `data` (default:
     its run config's corpus) → Parquet at `out`, one row per feature (collect.FEATURE_SCHEMA).
-    features: only [start, stop) of each layer. loaded: the checkpoint, if already loaded. Ray
-    must be initialised (ensure_ray)."""
+    cache: read the CLT inputs of the first `tokens` tokens of this activation cache instead
+    (a chunk per file; no LM passes). features: only [start, stop) of each layer. loaded: the
+    checkpoint, if already loaded. Ray must be initialised (ensure_ray)."""
+    from clt_ray.cache.store import open_cache
     from clt_ray.checkpoint import load_checkpoint
     from clt_ray.data import heldout_windows
     from clt_ray.models.loading import load_tokenizer
@@ -154,15 +167,27 @@ def collect_on_ray(checkpoint: str | os.PathLike[str], out: str | os.PathLike[st
         raise ValueError(f"feature statistics need a JumpReLU or ReLU CLT; this one is "
                          f"{loaded.model.cfg.activation}")
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.revision)
-    ids, mask = heldout_windows(tokenizer, data or cfg.data, tokens)
+    if cache is None:
+        ids, mask = heldout_windows(tokenizer, data or cfg.data, tokens)
+        chunks = [(c, min(c + s.chunk_windows, len(ids))) for c in range(0, len(ids),
+                                                                         s.chunk_windows)]
+        source, where = ray.put((ids, mask)), "held-out text"
+    else:
+        open_cache(cache)[2].check_matches(
+            model=cfg.model.name, input_hook=cfg.model.input_hook,
+            output_hook=cfg.model.output_hook, layers=loaded.model.cfg.n_layers,
+            d_model=loaded.model.cfg.d_model)
+        src = cache_windows(cache, data or cfg.data, tokenizer, tokens)
+        ids, mask, chunks = src.ids, src.mask, src.chunks()
+        source, where = ray.put(src), f"{len(src.files)} files of the cache {cache}"
     log(f"top-k statistics of {'all' if features is None else features} features over "
-        f"{len(ids)} windows ({tokens:,} tokens) with {actors} actors")
+        f"{len(ids)} windows ({tokens:,} tokens) of {where} with {actors} actors")
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-    args = (str(Path(checkpoint).resolve()), features, [ray.put((ids, mask))], s)
-    pool = {"concurrency": actors, "num_cpus": cpus_per_actor, "batch_size": 1,
-            "fn_constructor_args": args, "runtime_env": {"env_vars": env}}
-    chunks = ray.data.from_items([{"chunk": c} for c in range(0, len(ids), s.chunk_windows)])
-    states = chunks.map_batches(ChunkStates, **pool)
+    args = (str(Path(checkpoint).resolve()), features, [source], s)
+    pool = {"compute": ray.data.ActorPoolStrategy(size=actors), "num_cpus": cpus_per_actor,
+            "batch_size": 1, "fn_constructor_args": args, "runtime_env": {"env_vars": env}}
+    states = ray.data.from_items([{"first": a, "stop": b} for a, b in chunks]).map_batches(
+        ChunkStates, **pool)
     start, stop = features or (0, loaded.model.cfg.n_features)
     n_ranges = len(feature_ranges(start, stop, s.range_size))
     merged = states.groupby("start", num_partitions=n_ranges).map_groups(
@@ -248,7 +273,7 @@ class LLMCaller:
 
 def call_on_ray(requests: list[dict], llm: LLMConfig, cache_dir: str, *, actors: int = 2,
                 cpus_per_actor: float = 0.25, keeper: Any = None, progress: bool = False,
-                desc: str = "LLM") -> list[LLMResult]:
+                desc: str = "LLM", unit: str = "req") -> list[LLMResult]:
     """Results in request order, from `actors` LLMCaller actors (llm.concurrency split between
     them). A rerun with the same cache folder sends only what is missing. keeper: the run's
     BudgetKeeper, when several calls share one budget. progress: a bar with requests/s, failures
@@ -264,9 +289,10 @@ def call_on_ray(requests: list[dict], llm: LLMConfig, cache_dir: str, *, actors:
     per_batch = max(4 * share.concurrency, -(-len(items) // (4 * actors)))
     ds = ray.data.from_items(items).map_batches(
         LLMCaller, fn_constructor_args=(share, cache_dir, [keeper]), batch_size=per_batch,
-        concurrency=actors, num_cpus=cpus_per_actor, runtime_env={"env_vars": env})
+        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus_per_actor,
+        runtime_env={"env_vars": env})
     by_key, cost, failed = {}, 0.0, 0
-    with tqdm(total=len(requests), desc=desc, unit="req", disable=not progress) as bar:
+    with tqdm(total=len(requests), desc=desc, unit=unit, disable=not progress) as bar:
         for row in ds.iter_rows():
             res = LLMResult.from_json(row["result"])
             by_key[res.key] = res
@@ -319,10 +345,10 @@ def graph_features(folder: str | os.PathLike[str]) -> set[tuple[int, int]]:
 
 
 def run_autointerp(cfg: AutoInterpConfig, log=print, progress: bool = False,
-                   address: str | None = None) -> dict[str, Any]:
+                   address: str | None = None, topk_only: bool = False) -> dict[str, Any]:
     """Top-k statistics (reused when the folder already has them for these settings), then
-    explanations, then scores; Parquet files in cfg.out. The checkpoint is loaded (and checked)
-    before Ray starts (ensure_ray(address)). Returns the run's summary."""
+    explanations, then scores (not with topk_only); Parquet files in cfg.out. The checkpoint is
+    loaded (and checked) before Ray starts (ensure_ray(address)). Returns the run's summary."""
     import pyarrow.parquet as pq
     from clt_ray.actors.cache_producer import ensure_ray
 
@@ -332,33 +358,42 @@ def run_autointerp(cfg: AutoInterpConfig, log=print, progress: bool = False,
         score_rows,
         scoring_requests,
     )
+    from clt_ray.cache.store import load_manifest
     from clt_ray.checkpoint import load_checkpoint
 
     loaded = load_checkpoint(cfg.checkpoint)
+    t, cache = cfg.topk, None
+    if t.source == "cache":
+        cache = t.cache or loaded.config.data.cache
+        if cache is None:
+            raise ValueError("topk.source is cache, but neither topk.cache nor the run's "
+                             "data.cache names one")
+        if load_manifest(cache) is None:
+            raise ValueError(f"topk.cache: no activation cache at {cache}")
     ensure_ray(address)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     n_features = loaded.model.cfg.n_features
     (lo, hi), keep = chosen_features(cfg, n_features)
-    t = cfg.topk
     settings = TopKSettings(k=t.k, samples_per_bin=t.samples_per_bin, range_size=t.range_size,
                             chunk_windows=t.chunk_windows)
     features_file = out / "features.parquet"
-    wanted = {"checkpoint": str(Path(cfg.checkpoint).resolve()), "tokens": t.tokens,
-              "features": [lo, hi], "settings": vars(settings)}
+    wanted = topk_request(cfg.checkpoint, t.tokens, (lo, hi), settings, cache)
     if not features_file.is_file() or _metadata(features_file).get("request") != wanted:
         collect_on_ray(cfg.checkpoint, features_file, tokens=t.tokens, features=(lo, hi),
                        settings=settings, actors=cfg.actors, cpus_per_actor=cfg.cpus_per_actor,
-                       log=log, extra={"request": wanted}, loaded=loaded)
+                       log=log, extra={"request": wanted}, loaded=loaded, cache=cache)
     else:
         log(f"reusing {features_file}")
     rows = [r for r in pq.read_table(features_file).to_pylist() if keep(r["layer"], r["feature"])]
+    if topk_only:
+        return {"features": len(rows), "fired": sum(bool(r["top_examples"]) for r in rows)}
     cache = str(out / "llm-cache")
     asked = explanation_requests(rows, cfg.llm.model, cfg.explain_examples)
     log(f"explaining {len(asked)} features with {cfg.llm.model} at {cfg.llm.base_url}")
     keeper = BudgetKeeper.remote()  # one budget for explanations and scores
     results = call_on_ray(asked, cfg.llm, cache, actors=cfg.actors, keeper=keeper,
-                          progress=progress, desc="explanations")
+                          progress=progress, desc="explanations", unit="feature")
     explained = explanation_rows(asked, results)
     atomic_write_parquet(explained, out / "explanations.parquet")
     texts = {(r["layer"], r["feature"]): r["explanation"] for r in explained if r["ok"]}
@@ -382,6 +417,14 @@ def run_autointerp(cfg: AutoInterpConfig, log=print, progress: bool = False,
         if ok:
             summary[f"{name}_auc_mean"] = round(sum(r["auc"] for r in ok) / len(ok), 4)
     return summary
+
+
+def topk_request(checkpoint: str | os.PathLike[str], tokens: int, features: tuple[int, int],
+                 settings: TopKSettings, cache: str | None) -> dict:
+    """What a features.parquet was made from (kept in its metadata): a rerun with the same
+    request reuses the file."""
+    return {"checkpoint": str(Path(checkpoint).resolve()), "tokens": tokens,
+            "features": list(features), "settings": vars(settings), "cache": cache}
 
 
 def _metadata(path: Path) -> dict:

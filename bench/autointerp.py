@@ -5,7 +5,7 @@ with a fixed latency: achieved requests/s over the ideal C / latency of C reques
     python bench/autointerp.py --concurrency 16 --latency 0.05 --requests 1000 --no-cache
     python bench/autointerp.py --actors 2 --requests 6000   # through the Ray actor pool
 
-The server runs in its own process by default, as a real one would (its HTTP parsing would
+The server runs in its own process (both modes), as a real one would (its HTTP parsing would
 otherwise share this process's GIL with the client); --in-process runs it in a thread here.
 The ratio is bounded by the client's CPU per request (printed): one process sends at most
 1 / (CPU per request) requests/s, whatever C is; past that, more actors, not more in flight.
@@ -23,13 +23,38 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from clt_ray.autointerp.llm import LLMClient, LLMConfig, LLMRequest, ResultCache, request_key
-from tests.llm_server import FakeLLMServer
+from tests.llm_server import FakeLLMServer, echo
 
 
-def serve(conn, latency_s: float) -> None:
-    with FakeLLMServer(latency_s=latency_s) as server:
+def explanation_reply(messages: list[dict]) -> str:
+    """A reply the pipeline's explanation parser accepts."""
+    return "Explanation: " + messages[-1]["content"][:40]
+
+
+def serve(conn, latency_s: float, explain: bool = False) -> None:
+    """The fake server in this (spawned) process; sends its URL, then, when told the bench is
+    done, the arrival times of the requests it got."""
+    with FakeLLMServer(explanation_reply if explain else echo, latency_s=latency_s) as server:
         conn.send(server.url)
-        conn.recv()  # until the bench is done
+        conn.recv()
+        conn.send(sorted(e.t for e in server.entries()))
+
+
+def start_server(latency_s: float, explain: bool = False):
+    """(url, stop() -> arrival times) of a fake server in its own process."""
+    here, there = mp.get_context("spawn").Pipe()
+    proc = mp.get_context("spawn").Process(target=serve, args=(there, latency_s, explain),
+                                           daemon=True)
+    proc.start()
+    url = here.recv()
+
+    def stop() -> list[float]:
+        here.send(None)
+        times = here.recv()
+        proc.join(10)
+        return times
+
+    return url, stop
 
 
 def parse(raw: str) -> str:
@@ -58,7 +83,7 @@ def main() -> None:
     ap.add_argument("--in-process", action="store_true", help="serve from a thread here")
     ap.add_argument("--actors", type=int, default=0,
                     help="send through the Ray actor pool (actors.autointerp.call_on_ray) with "
-                         "this many actors, C split between them; the server runs here")
+                         "this many actors, C split between them")
     args = ap.parse_args()
     c, lat, n = args.concurrency, args.latency, args.requests
     if args.actors:
@@ -68,14 +93,7 @@ def main() -> None:
         server = FakeLLMServer(latency_s=lat).start()
         url, stop = server.url, server.stop
     else:
-        here, there = mp.get_context("spawn").Pipe()
-        proc = mp.get_context("spawn").Process(target=serve, args=(there, lat), daemon=True)
-        proc.start()
-        url = here.recv()
-
-        def stop() -> None:
-            here.send(None)
-            proc.join(10)
+        url, stop = start_server(lat)
 
     config = LLMConfig(base_url=url, model="fake", concurrency=c)
     try:
@@ -111,20 +129,19 @@ def on_ray(args) -> None:
 
     c, lat, n = args.concurrency, args.latency, args.requests
     ray.init(include_dashboard=False, logging_level="WARNING", log_to_driver=False)
-    with FakeLLMServer(latency_s=lat) as server, tempfile.TemporaryDirectory() as tmp:
-        config = LLMConfig(base_url=server.url, model="fake", concurrency=c)
-        items = [{"key": r.key, "messages": r.messages, "parser": "explanation"}
-                 for r in requests(n, "fake", "ray")]
-        for item in items:  # the pipeline's explanation parser wants this reply format
-            item["messages"] = item["messages"][:1] + [
-                {"role": "user", "content": item["messages"][1]["content"]}]
-        server.responder = lambda messages: "Explanation: " + messages[-1]["content"][:40]
-        results = call_on_ray(items, config, tmp, actors=args.actors, cpus_per_actor=0.25)
-        times = sorted(e.t for e in server.entries())
+    url, stop = start_server(lat, explain=True)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            config = LLMConfig(base_url=url, model="fake", concurrency=c)
+            items = [{"key": r.key, "messages": r.messages, "parser": "explanation"}
+                     for r in requests(n, "fake", "ray")]
+            results = call_on_ray(items, config, tmp, actors=args.actors, cpus_per_actor=0.25)
+    finally:
+        times = stop()
     ok = sum(r.ok for r in results)
     rate, ideal = (len(times) - 1) / (times[-1] - times[0]), c / lat
     print(f"auto-interp LLM calls on Ray: N={n}, C={c} over {args.actors} actors, latency "
-          f"{lat * 1e3:.0f} ms, server in the driver process, cache on")
+          f"{lat * 1e3:.0f} ms, server in its own process, cache on")
     print(f"  {ok}/{n} ok; achieved {rate:.0f} req/s at the server, ideal C/latency "
           f"{ideal:.0f} req/s")
     print(f"  ratio {rate / ideal:.2f} (goal >= 0.8)")

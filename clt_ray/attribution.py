@@ -342,49 +342,61 @@ def feature_scan(clt: CLTFolder) -> str:
 
 def write_feature_dashboards(rm: Any, clt: CLTFolder, features: Sequence[tuple[int, int]],
                              windows: torch.Tensor, valid: torch.Tensor,
-                             out_dir: str | os.PathLike[str], progress: bool = False) -> int:
-    """Feature JSON for each (layer, feature) under out_dir/features/<clt name>/, with top
-    examples from `windows` (token ids [N, T], valid [N, T]) through the replacement model's own
-    encoder, and logit effects of the decoder through the unembedding. Returns files written."""
-    from tqdm import tqdm
-
+                             out_dir: str | os.PathLike[str], progress: bool = False,
+                             settings: Any = None) -> int:
+    """Feature JSON for each (layer, feature) under out_dir/features/<clt name>/, from the top-k
+    statistics (autointerp.collect.collect_rows: the same examples, histogram and logit effects
+    as auto-interp's) over `windows` (token ids [N, T], valid [N, T]) through the replacement
+    model's own encoder — the activations the graph shows. Returns files written."""
     from clt_ray import dashboards
+    from clt_ray.autointerp.collect import (
+        TokenText,
+        TopKSettings,
+        collect_rows,
+        last_call,
+        logit_effects,
+    )
+    from clt_ray.autointerp.topk import bin_edges
 
-    features = sorted(set(features))
-    if not features:
+    wanted = set(features)
+    if not wanted:
         return 0
-    layers = torch.tensor([f[0] for f in features])
-    feats = torch.tensor([f[1] for f in features])
-    bar = tqdm(total=len(windows), desc="feature examples", unit="window", disable=not progress)
+    s = settings or TopKSettings()
 
-    def encode(w: int) -> tuple[torch.Tensor, torch.Tensor]:
-        n = int(valid[w].nonzero().max()) + 1 if valid[w].any() else 1
-        _, acts = rm.get_activations(rm.ensure_tokenized(windows[w, :n]))
-        bar.update()
-        acts = acts.float().cpu()  # [L, n, F]
-        picked = acts[layers, :, feats].T  # [n, n_features]
-        full = torch.zeros(windows.shape[1], len(features))
-        full[:n] = picked
-        return full, valid[w]
+    def encode(w: torch.Tensor) -> torch.Tensor:  # [W, T, L, F]
+        out = []
+        for i in w.tolist():
+            n = int(valid[i].nonzero().max()) + 1 if valid[i].any() else 1
+            _, acts = rm.get_activations(rm.ensure_tokenized(windows[i, :n]))
+            acts = acts.float().cpu().permute(1, 0, 2)  # [n, L, F]
+            full = acts.new_zeros(windows.shape[1], *acts.shape[1:])
+            full[:n] = acts
+            out.append(full)
+        return torch.stack(out)
 
-    stats, kept = dashboards.collect(features, len(windows), encode)
-    bar.close()
-    texts = [token_strings(rm, row.tolist()) for row in windows]
+    acts_of = last_call(encode)
+
+    def decoder_rows(layer: int, a: int, b: int) -> torch.Tensor:
+        with safe_open(str(clt.path / f"W_dec_{layer}.safetensors"), "pt") as f:
+            return f.get_slice(f"W_dec_{layer}")[a:b].float()
+
+    text = TokenText(rm.tokenizer)
     unembed = rm.unembed_proj.detach().float().cpu()  # [d, V]
-    vocab = token_strings(rm, range(unembed.shape[1]))
+    size = s.range_size  # only the ranges that hold a wanted feature
+    ranges = sorted({(f // size * size, f // size * size + size) for _, f in wanted})
+    ranges = [(a, min(b, clt.n_features)) for a, b in ranges]
+    chunks = [(c, min(c + s.chunk_windows, len(windows)))
+              for c in range(0, len(windows), s.chunk_windows)]
+    rows = collect_rows(
+        lambda w, a, b: acts_of(w)[..., a:b],
+        lambda a, b: logit_effects(decoder_rows, clt.n_layers, unembed, text, a, b, s.logits),
+        windows, valid, ranges, chunks, text, s, progress)
     folder = Path(out_dir) / "features" / clt.name
-    for f in features:
-        top, bottom = dashboards.logit_effects(decoder_direction(clt, *f), unembed, vocab)
-        data = dashboards.feature_json(stats[f], clt.name, texts, kept[f], top, bottom)
-        dashboards.write_feature_json(folder, data)
-    return len(features)
-
-
-def decoder_direction(clt: CLTFolder, layer: int, feature: int) -> torch.Tensor:
-    """What feature `feature` of `layer` adds to the residual stream: its decoder rows summed
-    over the target layers (each MLP output is added to the residual)."""
-    with safe_open(str(clt.path / f"W_dec_{layer}.safetensors"), "pt") as f:
-        return f.get_slice(f"W_dec_{layer}")[feature].float().sum(0)
+    edges = bin_edges().tolist()
+    for row in rows:
+        if (row["layer"], row["feature"]) in wanted:
+            dashboards.write_feature_json(folder, dashboards.feature_json(row, clt.name, edges))
+    return len(wanted)
 
 
 # --- interventions -----------------------------------------------------------------------------

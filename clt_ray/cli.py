@@ -72,11 +72,9 @@ def toy_build(arch: str, cache_dir: Path | None) -> None:
               help="The demo's activation cache (int8, kept: a second demo reuses it).")
 @click.option("--producers", type=click.IntRange(min=1), default=2, show_default=True,
               help="CacheProducer actors that write the activation cache.")
-@click.option("--graphs", type=click.Path(file_okay=False, path_type=Path),
-              default=Path("runs/demo-graphs"), show_default=True,
-              help="Where the attribution graphs of the mechanism prompts go.")
+@click.option("--no-serve", is_flag=True, help="Exit at the end instead of serving the viewer.")
 def demo(cache_dir: Path | None, run_dir: Path, activations: Path, producers: int,
-         graphs: Path) -> None:
+         no_serve: bool) -> None:
     """Run the pipeline on the toy world: build (or reuse) the toy models and score them, cache
     the toy GPT-2's activations with Ray producers, train a CLT from that cache with 2 feature
     shards on Ray and examples/toy.yaml's settings and report held-out EV, L0, dead features and the CE/KL change
@@ -109,29 +107,62 @@ def demo(cache_dir: Path | None, run_dir: Path, activations: Path, producers: in
     click.echo(f"CLT after {result.step} steps ({result.seconds:.0f} s), held-out:")
     click.echo(format_metrics(result.metrics, cfg.train.dead_after_tokens))
     click.echo(f"  checkpoint: {result.checkpoint}")
-    _demo_graphs(run_dir, graphs)
+    _demo_graphs(run_dir, run_dir / "graphs")
+    _demo_features(run_dir, activations)
     click.echo(f"demo finished in {time.monotonic() - start:.0f} s")
+    if no_serve:
+        click.echo(f"view the run: clt-ray serve {run_dir}")
+    else:
+        _demo_serve(run_dir)
 
 
 def _demo_graphs(run_dir: Path, out: Path) -> None:
     """Attribution graphs of held-out prompts of each toy mechanism, with their scores."""
-    import shutil
-
-    from clt_ray.attribution import METADATA_FILE, attribute_prompts, format_summary
+    from clt_ray.attribution import attribute_prompts, format_summary
     from clt_ray.export import export_checkpoint
     from clt_ray.toy import MECHANISMS, mechanism_prompts
 
-    if out.exists():
-        if not (out / METADATA_FILE).is_file():
-            raise CltRayError(f"{out} exists and holds no graphs; pass another --graphs")
-        shutil.rmtree(out)
     clt = export_checkpoint(run_dir, out / "clt")
     prompts = [p.text for kind in MECHANISMS for p in mechanism_prompts(kind, 2, seed=7)]
     click.echo(f"\nattribution graphs of {len(prompts)} held-out mechanism prompts "
                f"(circuit-tracer)\n  graphs: {out}")
     rows = attribute_prompts(clt, prompts, out, log=click.echo)
     click.echo(format_summary(rows))
-    click.echo(f"  view them: clt-ray serve-graphs {out}")
+
+
+def _demo_features(run_dir: Path, activations: Path) -> None:
+    """Top activating examples and statistics of every feature, read from the activation cache
+    the CLT was trained on (no LM passes): the input of explanations and of the viewer."""
+    from clt_ray.actors.autointerp import collect_on_ray, topk_request
+    from clt_ray.autointerp.collect import TopKSettings
+    from clt_ray.checkpoint import load_checkpoint
+
+    out = run_dir / "autointerp" / "features.parquet"
+    click.echo(f"\ntop-k examples of every feature from the activation cache (Ray Data)\n"
+               f"  features: {out}")
+    loaded = load_checkpoint(run_dir)
+    tokens, settings = 16384, TopKSettings()
+    # examples/autointerp.yaml asks for the same, so `clt-ray autointerp` reuses this file
+    request = topk_request(run_dir, tokens, (0, loaded.model.cfg.n_features), settings,
+                           str(activations))
+    collect_on_ray(run_dir, out, tokens=tokens, cache=str(activations), settings=settings,
+                   log=click.echo, loaded=loaded, extra={"request": request})
+    click.echo("  explain and score them with any OpenAI-compatible endpoint: clt-ray autointerp "
+               "--config examples/autointerp.yaml")
+
+
+def _demo_serve(run_dir: Path) -> None:
+    """The viewer over the demo run until Ctrl-C (port 8050, or a free one if that is taken)."""
+    import socket
+
+    from clt_ray.viewer import DEFAULT_PORT
+
+    paths = _viewer_paths(run_dir)
+    with socket.socket() as probe:
+        port = DEFAULT_PORT if probe.connect_ex(("127.0.0.1", DEFAULT_PORT)) else 0
+    click.echo(f"\nserving the viewer (`clt-ray serve {run_dir}`; `make demo` skips this with "
+               "DEMO_ARGS=--no-serve)")
+    _serve_until_interrupted(paths, "127.0.0.1", port)
 
 
 def _clear_demo_run(run_dir: Path) -> None:
@@ -141,7 +172,8 @@ def _clear_demo_run(run_dir: Path) -> None:
     if not run_dir.exists():
         return
     names = {p.name for p in run_dir.iterdir()}
-    if not names <= {"config.yaml", "metrics.jsonl", "checkpoints", "summary.json", "tensorboard"}:
+    if not names <= {"config.yaml", "metrics.jsonl", "checkpoints", "summary.json", "tensorboard",
+                     "graphs", "autointerp"}:
         raise CltRayError(f"{run_dir} holds files that are not a clt-ray run; pass another "
                           "--run-dir")
     shutil.rmtree(run_dir)
@@ -474,13 +506,64 @@ def serve_graphs(folder: Path, host: str, port: int) -> None:
     server = serve_frontend(folder, host, port)
     bound_host, bound_port = server.httpd.server_address[:2]
     click.echo(f"graphs of {folder} at http://{bound_host}:{bound_port}/index.html")
+    _wait_for_interrupt(server.stop)
+
+
+@cli.command("serve")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Interface to bind (0.0.0.0 exposes the viewer to the network).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8050, show_default=True,
+              help="0 picks a free port.")
+@click.option("--graphs", "graphs", type=click.Path(file_okay=False, path_type=Path),
+              default=None, help="An `attribute` output folder (default RUN_DIR/graphs).")
+@click.option("--autointerp", "autointerp", type=click.Path(file_okay=False, path_type=Path),
+              default=None, help="An `autointerp` output folder (default RUN_DIR/autointerp).")
+def serve_command(run_dir: Path, host: str, port: int, graphs: Path | None,
+                  autointerp: Path | None) -> None:
+    """The web viewer over a run folder: feature browser and dashboards, attribution graphs,
+    training curves (Ctrl-C stops it)."""
+    paths = _viewer_paths(run_dir, graphs, autointerp)
+    _serve_until_interrupted(paths, host, port)
+
+
+def _viewer_paths(run_dir: Path, graphs: Path | None = None, autointerp: Path | None = None):
+    """RunPaths of a run folder, checked: it must exist; each missing output is a warning with
+    the command that makes it."""
+    from clt_ray.viewer import RunPaths
+
+    if not run_dir.is_dir():
+        raise CltRayError(f"run folder {run_dir} does not exist (make one with `clt-ray train`)")
+    paths = RunPaths.of(run_dir, graphs, autointerp)
+    by_command: dict[str, list[str]] = {}
+    for missing in paths.status().values():
+        if missing:
+            by_command.setdefault(missing["command"], []).append(missing["missing"])
+    for command, files in by_command.items():
+        click.echo(f"  missing {', '.join(files)}\n    make with: {command}", err=True)
+    return paths
+
+
+def _serve_until_interrupted(paths, host: str, port: int) -> None:
+    from clt_ray.viewer import ViewerServer
+
+    try:
+        server = ViewerServer(paths, host, port).start()
+    except OSError as exc:
+        raise CltRayError(f"cannot serve on {host}:{port}: {exc.strerror or exc}") from None
+    click.echo(f"clt-ray viewer of {paths.run} at {server.url}  (Ctrl-C stops it)")
+    _wait_for_interrupt(server.stop)
+
+
+def _wait_for_interrupt(stop) -> None:
+    """Sleep until Ctrl-C, then stop the server."""
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         pass
     finally:
-        server.stop()
+        stop()
 
 
 @cli.command("autointerp")
@@ -490,7 +573,10 @@ def serve_graphs(folder: Path, host: str, port: int) -> None:
 @click.option("--out", default=None, help="Overrides the config's output folder.")
 @click.option("--address", default=None,
               help="Ray cluster address (default: a running local Ray, else a new one).")
-def autointerp_command(config_path: Path, out: str | None, address: str | None) -> None:
+@click.option("--topk-only", is_flag=True,
+              help="Only the top-k statistics (features.parquet): no LLM requests.")
+def autointerp_command(config_path: Path, out: str | None, address: str | None,
+                       topk_only: bool) -> None:
     """Explain and score CLT features with any OpenAI-compatible endpoint: top-k examples by a
     Ray Data pass over held-out text, then explanations and detection/fuzzing scores through an
     actor pool of async clients. The API key comes only from the environment variable named by
@@ -502,7 +588,12 @@ def autointerp_command(config_path: Path, out: str | None, address: str | None) 
     cfg = load_config(config_path, AutoInterpConfig)
     if out is not None:
         cfg = cfg.model_copy(update={"out": out})
-    summary = run_autointerp(cfg, log=click.echo, progress=True, address=address)
+    summary = run_autointerp(cfg, log=click.echo, progress=True, address=address,
+                             topk_only=topk_only)
+    if topk_only:
+        click.echo(f"top-k statistics of {summary['features']} features ({summary['fired']} "
+                   f"fired) in {Path(cfg.out) / 'features.parquet'}; no LLM requests sent")
+        return
     click.echo(f"{summary['explained']} of {summary['features']} features explained "
                f"({summary['explain_failed']} failed), {summary['scored']} scores "
                f"({summary['score_failed']} failed)")

@@ -29,13 +29,15 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
-def atomic_write_parquet(rows: list[dict], path: str | os.PathLike[str], schema=None) -> Path:
-    """Rows as a Parquet file (with `schema`, a pyarrow schema, when given), atomically."""
+def atomic_write_parquet(rows: list[dict], path: str | os.PathLike[str], schema=None,
+                         row_group_size: int | None = None) -> Path:
+    """Rows as a Parquet file (with `schema`, a pyarrow schema, when given), atomically;
+    row_group_size: rows per row group, so a reader of a few rows decodes only their groups."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     sink = pa.BufferOutputStream()
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), sink)
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), sink, row_group_size=row_group_size)
     atomic_write_bytes(path, sink.getvalue().to_pybytes())
     return Path(path)
 

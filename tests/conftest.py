@@ -102,3 +102,12 @@ def toy_clt():
     from clt_ray.toy.clt import build_toy_clt
 
     return build_toy_clt("gpt2")
+
+
+@pytest.fixture(scope="session")
+def viewer_run(toy_clt, tmp_path_factory):
+    """A run folder with graphs/ and autointerp/ made by the real functions, for the viewer
+    tests (tests/viewer_run.py; ~15 s once the toy CLT exists)."""
+    from viewer_run import build_viewer_run
+
+    return build_viewer_run(toy_clt, tmp_path_factory.mktemp("viewer"))

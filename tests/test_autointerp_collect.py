@@ -1,5 +1,5 @@
 """clt_ray.autointerp.collect on the toy model: every statistic equals a brute-force computation
-over all windows at once."""
+over all windows at once, with the CLT inputs from the LM or from an activation cache."""
 
 from __future__ import annotations
 
@@ -19,6 +19,13 @@ N_FEATURES = 40
 SETTINGS = TopKSettings(k=5, range_size=16, chunk_windows=6)
 
 
+def _brute_force_acts(clt, x, ids, valid):
+    with torch.no_grad():
+        xn, _ = clt.normalize(x.flatten(0, 1))
+        acts = clt.encode(xn)[1].reshape(*ids.shape, x.shape[2], N_FEATURES)
+    return torch.where(valid[:, :, None, None], acts, 0.0)  # [W, T, L, n]
+
+
 @pytest.fixture(scope="module")
 def toy_run(toy_clt):
     from clt_ray.checkpoint import load_checkpoint
@@ -31,17 +38,48 @@ def toy_run(toy_clt):
     ids, mask = heldout_windows(tokenizer, cfg.data, 2048)
     clt = loaded.model.shard(0, N_FEATURES)
     x = window_activations(lm, ids, mask, cfg.model.input_hook)
-    with torch.no_grad():
-        xn, _ = clt.normalize(x.flatten(0, 1))
-        acts = clt.encode(xn)[1].reshape(*ids.shape, x.shape[2], N_FEATURES)
     valid = keep_mask(ids, mask)
-    acts = torch.where(valid[:, :, None, None], acts, 0.0)  # [W, T, L, n]
+    acts = _brute_force_acts(clt, x, ids, valid)
     rows = collect_features(clt, lm, tokenizer, ids, mask, cfg.model.input_hook, SETTINGS)
     return clt, lm, tokenizer, ids, valid, acts, rows
 
 
-def test_rows_equal_brute_force(toy_run):
-    _, _, tokenizer, ids, valid, acts, rows = toy_run
+@pytest.fixture(scope="module")
+def toy_cache_run(toy_run, toy_clt, tmp_path_factory):
+    """The same statistics with the CLT inputs read from an int8 activation cache of the run's
+    training corpus (a chunk per file), against brute force over the decoded cache."""
+    from clt_ray.autointerp.cache_source import cache_windows, file_inputs, window_inputs
+    from clt_ray.cache.produce import write_cache
+    from clt_ray.checkpoint import load_checkpoint
+    from clt_ray.models import keep_mask
+
+    clt, lm, tokenizer, *_ = toy_run
+    cfg = load_checkpoint(toy_clt.parent / "run").config
+    uri = str(tmp_path_factory.mktemp("cache") / "acts")
+    write_cache(lm, tokenizer, cfg.data, cfg.model, uri, tokens=1500, windows_per_file=3,
+                progress=False)
+    src = cache_windows(uri, cfg.data, tokenizer, tokens=1100)
+    assert len(src.files) > 2 and len(src.files) < len(load_manifest_files(uri))
+    x = torch.cat([file_inputs(src, i) for i in range(len(src.files))])
+    valid = keep_mask(src.ids, src.mask)
+    assert int(valid.sum()) == sum(f.tokens for f in src.files)
+    acts = _brute_force_acts(clt, x, src.ids, valid)
+    rows = collect_features(clt, lm, tokenizer, src.ids, src.mask, cfg.model.input_hook,
+                            SETTINGS, inputs=lambda w: window_inputs(src, w),
+                            chunks=src.chunks())
+    return clt, lm, tokenizer, src.ids, valid, acts, rows
+
+
+def load_manifest_files(uri):
+    from clt_ray.cache.store import load_manifest
+
+    return load_manifest(uri).files
+
+
+@pytest.mark.parametrize("source", ["lm", "cache"])
+def test_rows_equal_brute_force(source, request):
+    _, _, tokenizer, ids, valid, acts, rows = request.getfixturevalue(
+        {"lm": "toy_run", "cache": "toy_cache_run"}[source])
     L = acts.shape[2]
     assert [(r["layer"], r["feature"]) for r in rows] == [
         (l, f) for a in range(0, N_FEATURES, 16) for l in range(L)
@@ -106,3 +144,28 @@ def test_topk_clts_are_refused(toy_run):
     topk.cfg = topk.cfg.model_copy(update={"activation": "topk", "k": 4})
     with pytest.raises(ValueError, match="JumpReLU or ReLU"):
         collect_features(topk, lm, tokenizer, ids[:2], torch.ones_like(ids[:2]), "hook_resid_mid")
+
+
+def test_cache_that_does_not_match_its_recorded_corpus_is_refused(toy_run, toy_clt, tmp_path):
+    import json
+
+    from clt_ray.autointerp.cache_source import cache_windows, file_inputs
+    from clt_ray.cache.produce import write_cache
+    from clt_ray.cache.store import CacheError
+    from clt_ray.checkpoint import load_checkpoint
+
+    _, lm, tokenizer, *_ = toy_run
+    cfg = load_checkpoint(toy_clt.parent / "run").config
+    uri = tmp_path / "acts"
+    write_cache(lm, tokenizer, cfg.data, cfg.model, str(uri), tokens=200, windows_per_file=2,
+                progress=False)
+    assert file_inputs(cache_windows(str(uri), cfg.data, tokenizer, 200), 0).shape[0] == 2
+    manifest = json.loads((uri / "manifest.json").read_text())
+    manifest["data_seed"] += 1  # the recorded corpus now gives other windows
+    (uri / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CacheError, match="recorded corpus"):
+        file_inputs(cache_windows(str(uri), cfg.data, tokenizer, 200), 0)
+    del manifest["windows_per_file"]
+    (uri / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CacheError, match="does not record its corpus"):
+        cache_windows(str(uri), cfg.data, tokenizer, 200)

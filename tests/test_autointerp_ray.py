@@ -3,29 +3,46 @@
 from __future__ import annotations
 
 import pyarrow.parquet as pq
+import pytest
 
 from clt_ray.autointerp.collect import TopKSettings, collect_features
 
 SETTINGS = TopKSettings(k=5, range_size=16, chunk_windows=5)
 
 
-def test_ray_data_job_equals_single_process(ray_local, toy_clt, tmp_path):
+@pytest.mark.parametrize("source", ["heldout", "cache"])
+def test_ray_data_job_equals_single_process(source, ray_local, toy_clt, tmp_path):
+    """Held-out text through the LM, or the CLT inputs of an activation cache (a chunk per file)."""
     from clt_ray.actors.autointerp import collect_on_ray
 
+    from clt_ray.autointerp.cache_source import cache_windows, window_inputs
+    from clt_ray.cache.produce import write_cache
     from clt_ray.checkpoint import load_checkpoint
     from clt_ray.data import heldout_windows
     from clt_ray.models import load_model
 
     run = toy_clt.parent / "run"
-    out = collect_on_ray(run, tmp_path / "features.parquet", tokens=2048, features=(8, 40),
-                         settings=SETTINGS, actors=2, cpus_per_actor=0.5, log=lambda m: None)
+    loaded = load_checkpoint(run)
+    cfg = loaded.config
+    lm, tokenizer = load_model(cfg.model)
+    cache, extra = None, {}
+    if source == "cache":
+        cache = str(tmp_path / "acts")
+        write_cache(lm, tokenizer, cfg.data, cfg.model, cache, tokens=1500, windows_per_file=4,
+                    progress=False)
+    out = collect_on_ray(run, tmp_path / "features.parquet", tokens=1200, features=(8, 40),
+                         settings=SETTINGS, actors=2, cpus_per_actor=0.5, log=lambda m: None,
+                         cache=cache)
     got = pq.read_table(out).to_pylist()
 
-    loaded = load_checkpoint(run)
-    lm, tokenizer = load_model(loaded.config.model)
-    ids, mask = heldout_windows(tokenizer, loaded.config.data, 2048)
+    if cache is None:
+        ids, mask = heldout_windows(tokenizer, cfg.data, 1200)
+    else:
+        src = cache_windows(cache, cfg.data, tokenizer, 1200)
+        ids, mask = src.ids, src.mask
+        extra = {"inputs": lambda w: window_inputs(src, w), "chunks": src.chunks()}
     expected = collect_features(loaded.model.shard(8, 40), lm, tokenizer, ids, mask,
-                                loaded.config.model.input_hook, SETTINGS)
+                                cfg.model.input_hook, SETTINGS, **extra)
     expected.sort(key=lambda r: (r["layer"], r["feature"]))
     assert len(got) == len(expected) == 4 * 32
     for g, e in zip(got, expected):

@@ -47,8 +47,10 @@ def features_file(toy_clt, tmp_path_factory, ray_session):
     from clt_ray.actors.autointerp import run_autointerp
 
     out = tmp_path_factory.mktemp("autointerp-base")
-    cfg = config(toy_clt, out, "http://127.0.0.1:9/v1", budget=0.0)  # nothing gets sent
-    run_autointerp(cfg, log=lambda m: None)
+    cfg = config(toy_clt, out, "http://127.0.0.1:9/v1")  # nothing listens there
+    summary = run_autointerp(cfg, log=lambda m: None, topk_only=True)
+    assert summary["features"] == 4 * (FEATURES[1] - FEATURES[0]) and summary["fired"] > 0
+    assert sorted(p.name for p in out.iterdir()) == ["features.parquet"]  # no LLM stage ran
     return out / "features.parquet"
 
 
@@ -171,3 +173,14 @@ def test_budget_cap_stops_sending_and_says_so(ray_local, toy_clt, tmp_path, feat
     assert sum(r["error"] == "budget exhausted" for r in explained) > 0
     assert sent <= 4 + cfg.llm.concurrency * 2  # the cap, plus at most what was in flight
     assert summary["cost_usd"] >= 4.0
+
+
+def test_cache_source_without_a_cache_is_refused_before_any_work(toy_clt, tmp_path):
+    from clt_ray.actors.autointerp import run_autointerp
+
+    cfg = config(toy_clt, tmp_path / "out", "http://127.0.0.1:9/v1")
+    missing = cfg.model_copy(update={"topk": cfg.topk.model_copy(
+        update={"source": "cache", "cache": str(tmp_path / "no-cache")})})
+    with pytest.raises(ValueError, match="no activation cache at"):
+        run_autointerp(missing, log=lambda m: None)
+    assert not (tmp_path / "out").exists()  # nothing was started or written

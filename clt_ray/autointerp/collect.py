@@ -47,6 +47,10 @@ FEATURE_SCHEMA = pa.schema([
 ])
 
 
+FEATURE_ROW_GROUP = 256
+"""Rows per Parquet row group: the viewer's feature page decodes only the group of its row."""
+
+
 @dataclass(frozen=True)
 class TopKSettings:
     k: int = 20
@@ -97,15 +101,28 @@ class TokenText:
         return out
 
 
-def logit_effects(clt: Any, unembed: Tensor, text: TokenText, start: int, stop: int, n: int
-                  ) -> Iterator[tuple[list[float], list[str], list[float], list[str], list[float]]]:
+DecoderRows = Callable[[int, int, int], Tensor]
+"""(layer, start, stop) -> the raw-space decoder rows [stop − start, L − layer, d] of those
+features of that layer: our CLT module's (`clt_decoder_rows`) or an exported folder's."""
+Effects = tuple[list[float], list[str], list[float], list[str], list[float]]
+
+
+def clt_decoder_rows(clt: Any) -> DecoderRows:
+    def rows(layer: int, start: int, stop: int) -> Tensor:
+        w = clt.folded_weights([layer])[f"W_dec_{layer}"][start - clt.start:stop - clt.start]
+        return w.detach().float().cpu()
+
+    return rows
+
+
+def logit_effects(decoder_rows: DecoderRows, n_layers: int, unembed: Tensor, text: TokenText,
+                  start: int, stop: int, n: int) -> Iterator[Effects]:
     """Per (layer, feature) of [start, stop), layer-major: decoder norms per target layer, and the
     top/bottom tokens of the summed raw decoder rows through the unembedding [d, V]."""
-    for layer in range(clt.cfg.n_layers):
-        w = clt.folded_weights([layer])[f"W_dec_{layer}"][start - clt.start:stop - clt.start]
-        w = w.detach().float().cpu()  # [n, L − layer, d]
+    for layer in range(n_layers):
+        w = decoder_rows(layer, start, stop)  # [n, L − layer, d]
         norms = w.norm(dim=-1)
-        scores = w.sum(1) @ unembed  # [n, V]
+        scores = w.sum(1) @ unembed.float()  # [n, V]
         top = scores.topk(min(n, scores.shape[1]), dim=1)
         bottom = (-scores).topk(min(n, scores.shape[1]), dim=1)
         for i in range(stop - start):
@@ -113,11 +130,12 @@ def logit_effects(clt: Any, unembed: Tensor, text: TokenText, start: int, stop: 
                    text(bottom.indices[i].tolist()), (-bottom.values[i]).tolist())
 
 
-def feature_rows(clt: Any, state: TopKState, window_acts: Callable[[list[int]], Tensor],
-                 ids: Tensor, valid: Tensor, text: TokenText, unembed: Tensor,
-                 s: TopKSettings) -> list[dict]:
+def feature_rows(state: TopKState, window_acts: Callable[[list[int]], Tensor], ids: Tensor,
+                 valid: Tensor, text: TokenText, effects: Iterator[Effects], s: TopKSettings
+                 ) -> list[dict]:
     """Pass 2 for one range: the rows of its features. window_acts(windows) -> activations
-    [len(windows), T, L, n] of this range on those windows."""
+    [len(windows), T, L, n] of this range on those windows; effects: `logit_effects` of the
+    range."""
     L, n = state.top_peak.shape[:2]
     quantiles = {(l, i): quantile_examples(state, l, i, s.quantile_groups, s.per_group)
                  for l in range(L) for i in range(n)}
@@ -136,7 +154,6 @@ def feature_rows(clt: Any, state: TopKState, window_acts: Callable[[list[int]], 
 
     slots = {w: j for j, w in enumerate(order)}
 
-    effects = logit_effects(clt, unembed, text, state.start, state.stop, s.logits)
     rows = []
     for layer in range(L):
         for i in range(n):
@@ -166,7 +183,7 @@ def write_features(rows: list[dict], path: str | os.PathLike[str], meta: dict) -
     rows = sorted(rows, key=lambda r: (r["layer"], r["feature"]))
     schema = FEATURE_SCHEMA.with_metadata({
         "clt_ray": json.dumps({**meta, "histogram_edges": bin_edges().tolist()})})
-    return atomic_write_parquet(rows, path, schema)
+    return atomic_write_parquet(rows, path, schema, row_group_size=FEATURE_ROW_GROUP)
 
 
 def unembedding(lm: Any) -> Tensor:
@@ -174,31 +191,71 @@ def unembedding(lm: Any) -> Tensor:
     return lm.get_output_embeddings().weight.detach().float().cpu().T
 
 
-def collect_features(clt: Any, lm: Any, tokenizer: Any, ids: Tensor, mask: Tensor,
-                     input_hook: str, settings: TopKSettings | None = None,
-                     progress: bool = False) -> list[dict]:
-    """Both passes in this process over windows ids/mask [N, T]: rows of every feature of `clt`
-    (a whole CLT, or a feature shard of one for features [clt.start, clt.stop))."""
+ActsOf = Callable[[Tensor, int, int], Tensor]
+"""(windows, start, stop) -> activations [len(windows), T, L, stop − start] of those features."""
+
+
+def collect_rows(acts_of: ActsOf, effects_of: Callable[[int, int], Iterator[Effects]],
+                 ids: Tensor, valid: Tensor, ranges: Sequence[tuple[int, int]],
+                 chunks: Sequence[tuple[int, int]], text: TokenText, s: TopKSettings,
+                 progress: bool = False) -> list[dict]:
+    """Both passes in this process over windows ids/valid [N, T], for any encoder: pass 1 per
+    chunk [first, stop) of windows and feature range, pass 2 per range. `clt-ray attribute`
+    calls it with circuit-tracer's encoder, `collect_features` with our CLT module."""
     from tqdm import tqdm
 
-    from clt_ray.models import keep_mask
-
-    s = settings or TopKSettings()
-    valid = keep_mask(ids, mask)
-    ranges = feature_ranges(clt.start, clt.stop, s.range_size)
     parts: dict[int, list[TopKState]] = {a: [] for a, _ in ranges}
-    chunks = range(0, len(ids), s.chunk_windows)
-    for c in tqdm(chunks, desc="top-k pass", unit="chunk", disable=not progress):
-        sl = slice(c, c + s.chunk_windows)
-        x = window_activations(lm, ids[sl], mask[sl], input_hook)
-        for st in chunk_states(clt, x, valid[sl], torch.arange(len(ids))[sl], ranges, s):
-            parts[st.start].append(st)
-    text, unembed, rows = TokenText(tokenizer), unembedding(lm), []
+    for first, stop in tqdm(chunks, desc="top-k pass", unit="chunk", disable=not progress):
+        w = torch.arange(first, stop)
+        for a, b in ranges:
+            parts[a].append(chunk_state(acts_of(w, a, b), valid[w], w, a, s.k, s.samples_per_bin))
+    rows = []
     for a, b in ranges:
 
         def window_acts(windows: list[int], a: int = a, b: int = b) -> Tensor:
-            w = torch.tensor(windows)
-            return encode_range(clt, window_activations(lm, ids[w], mask[w], input_hook), a, b)
+            return acts_of(torch.tensor(windows), a, b)
 
-        rows += feature_rows(clt, merge_all(parts[a]), window_acts, ids, valid, text, unembed, s)
+        rows += feature_rows(merge_all(parts[a]), window_acts, ids, valid, text,
+                             effects_of(a, b), s)
     return rows
+
+
+def last_call(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """fn, remembering its last call: every range of a chunk encodes the same inputs."""
+    memo: list = [None, None]
+
+    def call(windows: Tensor) -> Tensor:
+        if memo[0] is None or not torch.equal(memo[0], windows):
+            memo[:] = [windows.clone(), fn(windows)]
+        return memo[1]
+
+    return call
+
+
+def collect_features(clt: Any, lm: Any, tokenizer: Any, ids: Tensor, mask: Tensor,
+                     input_hook: str, settings: TopKSettings | None = None,
+                     progress: bool = False, inputs: Callable[[Tensor], Tensor] | None = None,
+                     chunks: Sequence[tuple[int, int]] | None = None) -> list[dict]:
+    """Feature rows of every feature of `clt` (a whole CLT, or a feature shard of one for
+    features [clt.start, clt.stop)) over windows ids/mask [N, T], with our CLT module.
+
+    inputs(windows) -> the CLT inputs x [len(windows), T, L, d] (default: the LM's, computed);
+    chunks: [first, stop) windows per pass-1 step (default: runs of settings.chunk_windows).
+    The cache source (cache_source.py) passes both: x read from blocks, a chunk per file."""
+    from clt_ray.models import keep_mask
+
+    s = settings or TopKSettings()
+    if inputs is None:
+        def inputs(w: Tensor) -> Tensor:
+            return window_activations(lm, ids[w], mask[w], input_hook)
+    if chunks is None:
+        chunks = [(c, min(c + s.chunk_windows, len(ids))) for c in range(0, len(ids),
+                                                                         s.chunk_windows)]
+    x_of = last_call(inputs)
+    text, unembed = TokenText(tokenizer), unembedding(lm)
+    decoder = clt_decoder_rows(clt)
+    return collect_rows(
+        lambda w, a, b: encode_range(clt, x_of(w), a, b),
+        lambda a, b: logit_effects(decoder, clt.cfg.n_layers, unembed, text, a, b, s.logits),
+        ids, keep_mask(ids, mask), feature_ranges(clt.start, clt.stop, s.range_size), chunks,
+        text, s, progress)

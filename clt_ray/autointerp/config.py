@@ -35,8 +35,13 @@ class FeatureChoice(StrictModel):
 
 
 class TopKSection(StrictModel):
+    source: Literal["heldout", "cache"] = "heldout"
+    """`heldout`: the LM over held-out text of the CLT's corpus; `cache`: the CLT inputs read
+    from an activation cache (no LM passes; its windows are training text)."""
+    cache: str | None = None
+    """The cache when `source: cache` (default: the run's data.cache)."""
     tokens: PositiveInt = 65536
-    """Held-out tokens of the CLT's corpus searched for examples."""
+    """Tokens searched for examples."""
     k: PositiveInt = 20
     samples_per_bin: PositiveInt = 4
     range_size: PositiveInt = 512

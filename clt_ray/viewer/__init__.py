@@ -1,0 +1,10 @@
+"""`clt-ray serve`: a local web viewer over a run folder — feature browser and dashboards from the
+auto-interp Parquet outputs, attribution graphs in circuit-tracer's frontend, training curves.
+
+No Ray here; Starlette + uvicorn and build-free pages in static/. See app.py.
+"""
+
+from clt_ray.viewer.app import DEFAULT_HOST, DEFAULT_PORT, ViewerServer, create_app, serve
+from clt_ray.viewer.paths import RunPaths
+
+__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "RunPaths", "ViewerServer", "create_app", "serve"]
