@@ -463,7 +463,8 @@ def attribute_command(clt: Path, prompts: tuple[str, ...], prompts_file: Path | 
                              example_tokens=example_tokens, log=click.echo)
     click.echo(format_summary(rows))
     click.echo(f"graphs, dashboards and graphs.parquet in {out}; view them with "
-               f"`clt-ray serve-graphs {out}`")
+               f"`clt-ray serve RUN_DIR --graphs {out}` (with the run's features and curves) "
+               f"or `clt-ray serve-graphs {out}`")
 
 
 @cli.command("intervene")
