@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from clt_ray.autointerp.collect import (
+    TokenText,
     TopKSettings,
     collect_features,
     unembedding,
@@ -99,12 +100,12 @@ def test_rows_equal_brute_force(source, request):
             w = e["window"]
             kept = valid[w]
             assert e["acts"] == pytest.approx(a[w][kept].tolist(), abs=1e-5)
-            assert e["tokens"] == [tokenizer.decode([int(t)]) for t in ids[w][kept]]
+            assert e["tokens"] == TokenText(tokenizer)(ids[w][kept].tolist())
             assert e["acts"][e["position"]] == pytest.approx(e["peak"], rel=1e-5)
         for e in r["quiet_examples"]:  # negatives: windows where the feature never fired
             assert float(peaks[e["window"]]) == 0 and not any(e["acts"])
             w = e["window"]
-            assert e["tokens"] == [tokenizer.decode([int(t)]) for t in ids[w][valid[w]]]
+            assert e["tokens"] == TokenText(tokenizer)(ids[w][valid[w]].tolist())
         assert len(r["quiet_examples"]) == min(8, int((peaks == 0).sum()))
         quantile_windows = [e["window"] for e in r["quantile_examples"]]
         assert not set(quantile_windows) & {e["window"] for e in got}
@@ -122,7 +123,7 @@ def test_decoder_norms_and_logit_effects(toy_run):
         assert r["decoder_norms"] == pytest.approx(w.norm(dim=-1).tolist(), rel=1e-5)
         scores = w.sum(0) @ unembed
         best = scores.topk(SETTINGS.logits).indices
-        assert r["top_logits"] == [tokenizer.decode([int(i)]) for i in best]
+        assert r["top_logits"] == TokenText(tokenizer)(best.tolist())
         assert r["bottom_logit_values"][0] == pytest.approx(float(scores.min()), rel=1e-5)
 
 

@@ -87,18 +87,41 @@ def chunk_states(clt: Any, x: Tensor, valid: Tensor, window_ids: Tensor,
 
 
 class TokenText:
-    """Token id → display string (decoded alone), memoised."""
+    """Token id → display string, memoised: what the token adds to the text after an ordinary
+    word. Decoded alone, a word-level tokenizer's token loses the space its decode puts between
+    words (and a SentencePiece one its leading "▁"), which would run examples together ("thecat");
+    after an anchor word each token keeps exactly the spacing that decoding a window gives."""
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer, self.memo = tokenizer, {}
+        self.anchor = _anchor_id(tokenizer)
+        self.anchor_text = "" if self.anchor is None else tokenizer.decode([self.anchor])
 
     def __call__(self, ids: Sequence[int]) -> list[str]:
         out = []
         for i in ids:
             if i not in self.memo:
-                self.memo[i] = self.tokenizer.decode([int(i)])
+                self.memo[i] = self._text(int(i))
             out.append(self.memo[i])
         return out
+
+    def _text(self, i: int) -> str:
+        if self.anchor is None:
+            return self.tokenizer.decode([i])
+        both = self.tokenizer.decode([self.anchor, i])
+        if both.startswith(self.anchor_text):
+            return both[len(self.anchor_text):]
+        return self.tokenizer.decode([i])
+
+
+def _anchor_id(tokenizer: Any, search: int = 2000) -> int | None:
+    """The first token that decodes to a plain word (letters only), or None."""
+    special = set(tokenizer.all_special_ids)
+    for i in range(min(search, len(tokenizer))):
+        text = tokenizer.decode([i]).strip()
+        if i not in special and len(text) > 1 and text.isalpha():
+            return i
+    return None
 
 
 DecoderRows = Callable[[int, int, int], Tensor]
