@@ -34,15 +34,15 @@ ROW = {
 
 def test_format_marks_active_tokens_and_scales_to_nine():
     text = format_example(3, [" the", " cat", " sat"], [0.0, 4.0, 2.0], 4.0)
-    assert text.splitlines()[0] == f"Example 3:  the{OPEN} cat{CLOSE}{OPEN} sat{CLOSE}"
-    assert text.splitlines()[1] == '  activations: " cat" 9, " sat" 4'
+    assert text.splitlines()[0] == f"Example 3: the {OPEN}cat{CLOSE} {OPEN}sat{CLOSE}"
+    assert text.splitlines()[1] == '  activations: "cat" 9, "sat" 4'
 
 
 def test_explanation_messages_hold_the_top_example_first():
     messages = explanation_messages(ROW, n_examples=3)
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
     body = messages[-1]["content"]
-    assert body.startswith(f"Example 1:  the{OPEN} cat{CLOSE} sat") and "Example 3:" in body
+    assert body.startswith(f"Example 1: the {OPEN}cat{CLOSE} sat") and "Example 3:" in body
     assert "Example 4:" not in body
 
 
@@ -82,7 +82,7 @@ def test_fuzzing_task_moves_highlights_off_active_tokens():
     assert len(lines) == 6 and 0 < sum(task.labels) < 6
     for line, correct in zip(lines, task.labels):
         marked = [part.split(CLOSE)[0] for part in line.split(OPEN)[1:]]
-        assert all(m == " cat" for m in marked) == correct and marked
+        assert all(m == "cat" for m in marked) == correct and marked
 
 
 def test_scores():

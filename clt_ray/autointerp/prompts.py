@@ -4,8 +4,8 @@ Example format (what the explainer sees): each example is one line of text in wh
 where the feature is active is wrapped in `<<` and `>>`, followed by the active tokens with their
 activation scaled to 0–9 relative to the feature's maximum:
 
-    Example 3: the crowd sang<< hesk>> gorb<< hesk>> gorb
-      activations: " hesk" 9, " hesk" 7
+    Example 3: the crowd sang <<hesk>> gorb <<hesk>> gorb
+      activations: "hesk" 9, "hesk" 7
 
 Scorers (after Paulo et al., "Automatically Interpreting Millions of Features in LLMs"):
 - detection: given the explanation and a shuffled mix of activating windows and windows where the
@@ -38,8 +38,8 @@ EXPLAIN_SYSTEM = (
     "feature detects, as concretely as the examples allow (a word, a pattern, a context). Reply "
     "with exactly one line: `Explanation: <your explanation>`.")
 FEW_SHOT_USER = (
-    f"Example 1: The capital of Varnia is{OPEN} Tolbek{CLOSE}.\n  activations: \" Tolbek\" 9\n"
-    f"Example 2: the people of Ostrel speak{OPEN} Keldric{CLOSE}\n  activations: \" Keldric\" 6")
+    f"Example 1: The capital of Varnia is {OPEN}Tolbek{CLOSE}.\n  activations: \"Tolbek\" 9\n"
+    f"Example 2: the people of Ostrel speak {OPEN}Keldric{CLOSE}\n  activations: \"Keldric\" 6")
 FEW_SHOT_ASSISTANT = "Explanation: the answer to a question about a country (its capital or language)"
 
 DETECTION_SYSTEM = (
@@ -54,18 +54,24 @@ FUZZING_SYSTEM = (
     "tokens. Reply with exactly one line: `Answer: [<numbers of the correctly marked examples>]`.")
 
 
+def _mark(token: str) -> str:
+    """<<token>>, with the token's leading space outside the marks ("the <<cat>>")."""
+    word = token.lstrip()
+    return f"{token[:len(token) - len(word)]}{OPEN}{word}{CLOSE}"
+
+
 def _text(tokens: Sequence[str], marked: Sequence[bool] | None = None) -> str:
     if marked is None:
-        return "".join(tokens).replace("\n", " ")
-    return "".join(f"{OPEN}{t}{CLOSE}" if m else t for t, m in zip(tokens, marked)
-                   ).replace("\n", " ")
+        return "".join(tokens).replace("\n", " ").strip()
+    return "".join(_mark(t) if m else t for t, m in zip(tokens, marked)
+                   ).replace("\n", " ").strip()
 
 
 def format_example(n: int, tokens: Sequence[str], acts: Sequence[float], max_act: float) -> str:
     """One explainer example (the format in the module docstring)."""
     marked = [a > 0 for a in acts]
     scale = 9 / max_act if max_act > 0 else 0.0
-    strengths = ", ".join(f"{json.dumps(t)} {round(a * scale)}"
+    strengths = ", ".join(f"{json.dumps(t.strip())} {round(a * scale)}"
                           for t, a in zip(tokens, acts) if a > 0)
     return f"Example {n}: {_text(tokens, marked)}\n  activations: {strengths or 'none'}"
 
