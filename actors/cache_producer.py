@@ -42,8 +42,8 @@ from clt_ray.data import BlockStream, State
 
 # What a producer process needs from the driver's environment (the toy models' cache folder,
 # offline hub flags).
-FORWARDED_ENV = ("CLT_RAY_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME",
-                 "HF_DATASETS_OFFLINE")
+FORWARDED_ENV = ("CLT_RAY_CACHE", "CLT_RAY_TOY_SEED", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
+                 "HF_HOME", "HF_DATASETS_OFFLINE")
 
 
 class CacheProducer:

@@ -138,6 +138,46 @@ def pick_backend(hf_config: Any, backend: str, input_hook: str) -> str:
     return backend
 
 
+def _position_safe_clt_class() -> type:
+    """circuit-tracer's CrossLayerTranscoder with its reconstruction sized by the prompt.
+
+    circuit-tracer 0.5 sizes the reconstruction by the last position where some feature fires
+    (`n_pos = pos_ids.max() + 1`), so a prompt whose last tokens activate no feature in any layer
+    gets a reconstruction shorter than the MLP outputs it is subtracted from, and
+    `setup_attribution` fails ("size of tensor a (42) must match … b (41)"). Early in training,
+    with few features, that is common. With no feature active at all it fails on an empty
+    `torch.cat`. This subclass takes the length from the activations and handles the empty case;
+    it adds no state, so a loaded instance can take it as its class."""
+    from circuit_tracer.transcoder.cross_layer_transcoder import CrossLayerTranscoder
+
+    class PositionSafeCLT(CrossLayerTranscoder):
+        def select_decoder_vectors(self, features):
+            if features.is_sparse and features._nnz() == 0:
+                long = torch.zeros(0, dtype=torch.long, device=features.device)
+                empty = torch.zeros(0, self.d_model, dtype=self.dtype, device=features.device)
+                return long, long, long, empty, long
+            return super().select_decoder_vectors(features)
+
+        def compute_reconstruction(self, pos_ids, layer_ids, decoder_vectors, input_acts=None,
+                                   n_pos: int | None = None):
+            if n_pos is None:
+                n_pos = input_acts.shape[-2] if input_acts is not None else int(pos_ids.max()) + 1
+            recon = torch.zeros(n_pos * self.n_layers, self.d_model, device=self.b_dec.device,
+                                dtype=self.b_dec.dtype)
+            recon.index_add_(0, layer_ids * n_pos + pos_ids, decoder_vectors.to(recon.dtype))
+            recon = recon.reshape(self.n_layers, n_pos, self.d_model) + self.b_dec[:, None]
+            if self.W_skip is not None:
+                recon = recon + input_acts @ self.W_skip
+            return recon
+
+        def decode(self, features, input_acts=None):
+            pos_ids, layer_ids, _, vectors, _ = self.select_decoder_vectors(features)
+            return self.compute_reconstruction(pos_ids, layer_ids, vectors, input_acts,
+                                               n_pos=features.shape[1])
+
+    return PositionSafeCLT
+
+
 def load_replacement_model(
     clt: str | os.PathLike[str] | CLTFolder,
     model: str | None = None,
@@ -168,6 +208,7 @@ def load_replacement_model(
     backend = pick_backend(hf_config, backend, folder.input_hook)
     transcoder = load_clt(str(folder.path), device=torch.device(device), dtype=dtype,
                           lazy_encoder=False, lazy_decoder=False)
+    transcoder.__class__ = _position_safe_clt_class()
     transcoder.scan = feature_scan(folder)  # graphs then name our offline dashboards
     if backend == "nnsight":
         from circuit_tracer.replacement_model.replacement_model_nnsight import (

@@ -219,7 +219,7 @@ def test_load_local_folder_and_model_config(tmp_path: Path) -> None:
     assert enc["input_ids"][0] == tok.bos_token_id and "token_type_ids" not in enc
 
 
-def _assert_matches_tl(name: str, strict: bool = True) -> None:
+def _assert_matches_tl(name: str) -> None:
     """Our hooks equal TL's blocks.{l}.hook_resid_mid / hook_mlp_out, under circuit-tracer's
     weight processing (no fold_ln / centering: those change TL's hook values)."""
     from clt_ray.models.tl import load_hooked_transformer
@@ -234,9 +234,10 @@ def _assert_matches_tl(name: str, strict: bool = True) -> None:
                                                                               "hook_mlp_out")))
     for l in range(n_layers(hf_model)):
         for ours, hook in ((x[:, :, l], "hook_resid_mid"), (y[:, :, l], "hook_mlp_out")):
-            # 1e-5 absolute; not strict: 1e-6 of the largest value (the toy Llama's MLP outputs
-            # reach ~180, where fp32 rounding in TL's different RoPE code alone exceeds 1e-5)
-            atol = 1e-5 if strict else max(1e-5, 1e-6 * ours.abs().max().item())
+            # fp32 round-off grows with the magnitudes summed, so the tolerance follows the
+            # activations' scale: 1e-5 of the largest value (~100 float epsilons; the toy
+            # models' MLP outputs reach ~170). Measured: 2e-7 to 5e-7 of it on two CPUs' builds.
+            atol = 1e-5 * max(1.0, ours.abs().max().item())
             torch.testing.assert_close(ours, cache[f"blocks.{l}.{hook}"], atol=atol, rtol=1e-5)
     with torch.no_grad():
         torch.testing.assert_close(tl_model(ids), hf_model(ids).logits, atol=1e-4, rtol=1e-4)
@@ -252,7 +253,7 @@ def test_matches_transformer_lens_random(kind: str, tmp_path: Path) -> None:
 def test_matches_transformer_lens_toy(arch: str, request: pytest.FixtureRequest) -> None:
     toy = request.getfixturevalue(f"toy_{arch}")
     assert resolve_model_path(f"toy:{arch}") == str(toy.path)
-    _assert_matches_tl(f"toy:{arch}", strict=arch == "gpt2")
+    _assert_matches_tl(f"toy:{arch}")
 
 
 def test_circuit_tracer_replacement_model_from_local(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from typing import Literal
 
 from pydantic import model_validator
@@ -116,9 +117,22 @@ def check_arch(arch: str) -> None:
         raise ValueError(f"unknown toy architecture {arch!r}; supported: {', '.join(ARCHS)}")
 
 
+SEED_ENV = "CLT_RAY_TOY_SEED"
+"""Changes only the default recipes' seed: `CLT_RAY_TOY_SEED=1 make test` runs the suite against
+toy models of another build, which checks that no test depends on one build's floats."""
+
+
+def default_seed() -> int:
+    raw = os.environ.get(SEED_ENV, "0")
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"${SEED_ENV} is {raw!r}, not an integer seed") from None
+
+
 def default_recipe(arch: str = "gpt2") -> ToyRecipe:
-    """The recipe of the demo's and the test suite's toy models."""
+    """The recipe of the demo's and the test suite's toy models (seed: $CLT_RAY_TOY_SEED, else 0)."""
     check_arch(arch)
     if arch == "llama":
-        return ToyRecipe(arch="llama", n_kv_head=2)
-    return ToyRecipe(arch="gpt2")
+        return ToyRecipe(arch="llama", n_kv_head=2, seed=default_seed())
+    return ToyRecipe(arch="gpt2", seed=default_seed())
