@@ -1,4 +1,4 @@
-"""The toy world: corpus correctness, tokenizer pitfalls (DESIGN.md §5), cached deterministic builds,
+"""The toy world: corpus correctness, tokenizer pitfalls (docs/design.md §5), cached deterministic builds,
 and toy models that really learned their mechanisms (recomputed from the saved folders)."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from clt_ray.toy import (
     FACTS,
     MECHANISMS,
+    THRESHOLDS,
     ToyRecipe,
     build_tokenizer,
     build_toy_model,
@@ -311,13 +312,11 @@ def test_toy_models_learned_their_mechanisms(fixture, request):
         assert json.loads((toy.path / "config.json").read_text())["n_ctx"] == toy.recipe.n_ctx
     # the saved scores are what the saved folder really does
     recomputed = evaluate(model, tokenizer, n=toy.recipe.eval_prompts, seed=EVAL_SEED)
-    for key, value in toy.scores.items():
-        assert recomputed[key] == pytest.approx(value, abs=2e-3), key
-    # they meet the issue's bars on the build's 200 held-out prompts per mechanism
+    for key, value in toy.scores.items():  # a near tie may flip one prompt (another thread count)
+        assert recomputed[key] == pytest.approx(value, abs=0.011 if "top1" in key else 2e-3), key
+    # they meet the bars on the build's 200 held-out prompts per mechanism
     assert failed_thresholds(toy.scores) == [], toy.scores
-    # and on another fresh draw of held-out prompts (a slightly looser greater-than bound: 100
-    # prompts are a noisier estimate of the same probability)
+    # and, within sampling error (100 prompts), on another fresh draw of held-out prompts
     fresh = evaluate(model, tokenizer, n=100, seed=7)
-    for key in ("induction/top1", "facts/top1", "greater_than/top1", "agreement/top1"):
-        assert fresh[key] >= 0.9, (key, fresh)
-    assert fresh["greater_than/prob"] >= 0.75, fresh
+    for key, bar in THRESHOLDS.items():
+        assert fresh[key] >= bar - 0.05, (key, fresh)

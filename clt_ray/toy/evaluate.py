@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from clt_ray.toy.corpus import MECHANISMS, MechanismPrompt, mechanism_prompts
 
 EVAL_SEED = 1000
 """Seed of the held-out prompts scored at build time (any seed gives held-out prompts)."""
 
-THRESHOLDS = {"induction/top1": 0.9, "facts/top1": 0.9, "greater_than/prob": 0.8}
+THRESHOLDS = {"induction/top1": 0.9, "facts/top1": 0.9, "agreement/top1": 0.9,
+              "greater_than/prob": 0.8}
 """What a toy model must reach on held-out prompts to count as having learned its mechanisms."""
 
 
