@@ -1,5 +1,6 @@
-"""Top-k feature statistics as a Ray Data job (DESIGN.md §6): placement and messaging only; every
-computation is `clt_ray.autointerp.collect`'s / `topk`'s.
+"""Auto-interp on Ray (docs/design.md §6): placement and messaging only. Top-k feature statistics as
+a Ray Data job (every computation is `clt_ray.features.collect`'s / `topk`'s), LLM calls on an actor
+pool under one budget, and `RayExecutor`, which runs `clt_ray.autointerp.pipeline` on them.
 
     chunks of windows ──map_batches(ChunkStates, actor pool)──▶ (range, partial state) rows
         ──groupby(range).map_groups(merge)──▶ one state per range
@@ -17,6 +18,7 @@ import io
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,37 +26,41 @@ import numpy as np
 import pyarrow as pa
 import ray
 import torch
-from clt_ray.actors.cache_producer import FORWARDED_ENV
+from clt_ray.actors.ray_session import FORWARDED_ENV, ensure_ray
 from tqdm import tqdm
+from typing_extensions import Self
 
 from clt_ray.autointerp.cache_source import CacheWindows, cache_windows, window_inputs
-from clt_ray.autointerp.collect import (
-    FEATURE_SCHEMA,
-    TokenText,
-    TopKSettings,
-    chunk_states,
-    clt_decoder_rows,
-    feature_ranges,
-    feature_rows,
-    logit_effects,
-    unembedding,
-    window_activations,
-    write_features,
-)
-from clt_ray.autointerp.config import AutoInterpConfig
 from clt_ray.autointerp.llm import (
-    BUDGET_EXHAUSTED,
     Budget,
     LLMClient,
-    LLMConfig,
     LLMRequest,
     LLMResult,
     ResultCache,
 )
-from clt_ray.autointerp.tasks import parser
-from clt_ray.autointerp.topk import TopKState, encode_range, merge_all
-from clt_ray.config import DataConfig
-from clt_ray.fsutil import atomic_write_parquet
+from clt_ray.autointerp.pipeline import run_autointerp
+from clt_ray.autointerp.tasks import (
+    parser,
+)
+from clt_ray.cache.store import open_cache
+from clt_ray.config import AutoInterpConfig, DataConfig, LLMConfig, TopKSettings
+from clt_ray.data import heldout_windows
+from clt_ray.features.collect import (
+    FEATURE_SCHEMA,
+    TokenText,
+    chunk_states,
+    clt_decoder_rows,
+    feature_ranges,
+    feature_rows,
+    lm_window_inputs,
+    logit_effects,
+    unembedding,
+    write_features,
+)
+from clt_ray.features.topk import TopKState, encode_range, merge_all
+from clt_ray.lm import keep_mask, load_model
+from clt_ray.lm.loading import load_tokenizer
+from clt_ray.train.checkpoint import LoadedCheckpoint, load_checkpoint
 
 
 def state_bytes(state: TopKState) -> bytes:
@@ -77,9 +83,6 @@ class _Worker:
 
     def __init__(self, checkpoint: str, features: tuple[int, int] | None, windows: list,
                  settings: TopKSettings) -> None:
-        from clt_ray.checkpoint import load_checkpoint
-        from clt_ray.models import keep_mask, load_model
-
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         loaded = load_checkpoint(checkpoint)
         self.cfg, self.settings = loaded.config, settings
@@ -93,8 +96,8 @@ class _Worker:
     def x(self, windows: torch.Tensor) -> torch.Tensor:
         if self.cache is not None:
             return window_inputs(self.cache, windows)
-        return window_activations(self.lm, self.ids[windows], self.mask[windows],
-                                  self.cfg.model.input_hook)
+        return lm_window_inputs(self.lm, self.ids[windows], self.mask[windows],
+                                self.cfg.model.input_hook)
 
 
 class ChunkStates(_Worker):
@@ -153,11 +156,6 @@ def collect_on_ray(checkpoint: str | os.PathLike[str], out: str | os.PathLike[st
     cache: read the CLT inputs of the first `tokens` tokens of this activation cache instead
     (a chunk per file; no LM passes). features: only [start, stop) of each layer. loaded: the
     checkpoint, if already loaded. Ray must be initialised (ensure_ray)."""
-    from clt_ray.cache.store import open_cache
-    from clt_ray.checkpoint import load_checkpoint
-    from clt_ray.data import heldout_windows
-    from clt_ray.models.loading import load_tokenizer
-
     s = settings or TopKSettings()
     loaded = loaded or load_checkpoint(checkpoint)
     cfg = loaded.config
@@ -304,133 +302,49 @@ def call_on_ray(requests: list[dict], llm: LLMConfig, cache_dir: str, *, actors:
     return [by_key[r["key"]] for r in requests]
 
 
-# --- the whole run -----------------------------------------------------------------------------
+# --- the executor of the auto-interp pipeline ---------------------------------------------------
 
 
-def chosen_features(cfg: AutoInterpConfig, n_features: int) -> tuple[tuple[int, int], Any]:
-    """(the feature range to collect, a filter on (layer, feature)) of the config's choice."""
-    choice = cfg.features
-    layers = None if choice.layers is None else set(choice.layers)
-    if choice.graphs is not None:
-        nodes = graph_features(choice.graphs)
-        if not nodes:
-            raise ValueError(f"{choice.graphs}: its graphs hold no feature nodes")
-        lo, hi = min(f for _, f in nodes), max(f for _, f in nodes) + 1
-        return (lo, hi), lambda l, f: (l, f) in nodes and (layers is None or l in layers)
-    if choice.all:
-        return (0, n_features), lambda l, f: layers is None or l in layers
-    if max(b for _, b in choice.ranges) > n_features:
-        raise ValueError(f"features.ranges go past the CLT's {n_features} features per layer")
-    lo, hi = min(a for a, _ in choice.ranges), max(b for _, b in choice.ranges)
-    return (lo, hi), lambda l, f: (any(a <= f < b for a, b in choice.ranges)
-                                   and (layers is None or l in layers))
+class RayExecutor:
+    """Runs the heavy steps of `clt_ray.autointerp.pipeline.run_autointerp` on Ray: top-k
+    statistics as a Ray Data job (`collect_on_ray`) and LLM calls on an actor pool
+    (`call_on_ray`) under one budget for the whole run. Connects on enter (ensure_ray)."""
+
+    def __init__(self, *, address: str | None = None, actors: int = 2,
+                 cpus_per_actor: float = 0.5, progress: bool = False) -> None:
+        self.address, self.actors, self.cpus_per_actor = address, actors, cpus_per_actor
+        self.progress, self.keeper = progress, None
+
+    def __enter__(self) -> Self:
+        ensure_ray(self.address)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.keeper is not None:
+            ray.kill(self.keeper)
+            self.keeper = None
+
+    def collect(self, checkpoint: str, out: Path, *, loaded: LoadedCheckpoint, tokens: int,
+                features: tuple[int, int], settings: TopKSettings, cache: str | None,
+                extra: dict, log: Callable[[str], None]) -> Path:
+        return collect_on_ray(checkpoint, out, tokens=tokens, features=features,
+                              settings=settings, actors=self.actors,
+                              cpus_per_actor=self.cpus_per_actor, log=log, extra=extra,
+                              loaded=loaded, cache=cache)
+
+    def call(self, requests: list[dict], llm: LLMConfig, cache_dir: str, *, desc: str,
+             unit: str = "req") -> list[LLMResult]:
+        if self.keeper is None:
+            self.keeper = BudgetKeeper.remote()  # one budget for explanations and scores
+        return call_on_ray(requests, llm, cache_dir, actors=self.actors, keeper=self.keeper,
+                           progress=self.progress, desc=desc, unit=unit)
 
 
-def graph_features(folder: str | os.PathLike[str]) -> set[tuple[int, int]]:
-    """(layer, feature) of every feature node in the graph JSON files of an attribute folder."""
-    from clt_ray.attribution import METADATA_FILE
-
-    folder = Path(folder)
-    meta = folder / METADATA_FILE
-    if not meta.is_file():
-        raise ValueError(f"{folder}: no {METADATA_FILE}; make graphs with `clt-ray attribute`")
-    out = set()
-    for g in json.loads(meta.read_text())["graphs"]:
-        graph = json.loads((folder / f"{g['slug']}.json").read_text())
-        for node in graph["nodes"]:
-            if node["feature_type"] == "cross layer transcoder":
-                layer, feature, _ = node["node_id"].split("_")
-                out.add((int(layer), int(feature)))
-    return out
-
-
-def run_autointerp(cfg: AutoInterpConfig, log=print, progress: bool = False,
-                   address: str | None = None, topk_only: bool = False) -> dict[str, Any]:
-    """Top-k statistics (reused when the folder already has them for these settings), then
-    explanations, then scores (not with topk_only); Parquet files in cfg.out. The checkpoint is
-    loaded (and checked) before Ray starts (ensure_ray(address)). Returns the run's summary."""
-    import pyarrow.parquet as pq
-    from clt_ray.actors.cache_producer import ensure_ray
-
-    from clt_ray.autointerp.tasks import (
-        explanation_requests,
-        explanation_rows,
-        score_rows,
-        scoring_requests,
-    )
-    from clt_ray.cache.store import load_manifest
-    from clt_ray.checkpoint import load_checkpoint
-
-    loaded = load_checkpoint(cfg.checkpoint)
-    t, cache = cfg.topk, None
-    if t.source == "cache":
-        cache = t.cache or loaded.config.data.cache
-        if cache is None:
-            raise ValueError("topk.source is cache, but neither topk.cache nor the run's "
-                             "data.cache names one")
-        if load_manifest(cache) is None:
-            raise ValueError(f"topk.cache: no activation cache at {cache}")
-    ensure_ray(address)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    n_features = loaded.model.cfg.n_features
-    (lo, hi), keep = chosen_features(cfg, n_features)
-    settings = TopKSettings(k=t.k, samples_per_bin=t.samples_per_bin, range_size=t.range_size,
-                            chunk_windows=t.chunk_windows)
-    features_file = out / "features.parquet"
-    wanted = topk_request(cfg.checkpoint, t.tokens, (lo, hi), settings, cache)
-    if not features_file.is_file() or _metadata(features_file).get("request") != wanted:
-        collect_on_ray(cfg.checkpoint, features_file, tokens=t.tokens, features=(lo, hi),
-                       settings=settings, actors=cfg.actors, cpus_per_actor=cfg.cpus_per_actor,
-                       log=log, extra={"request": wanted}, loaded=loaded, cache=cache)
-    else:
-        log(f"reusing {features_file}")
-    rows = [r for r in pq.read_table(features_file).to_pylist() if keep(r["layer"], r["feature"])]
-    if topk_only:
-        return {"features": len(rows), "fired": sum(bool(r["top_examples"]) for r in rows)}
-    cache = str(out / "llm-cache")
-    asked = explanation_requests(rows, cfg.llm.model, cfg.explain_examples)
-    log(f"explaining {len(asked)} features with {cfg.llm.model} at {cfg.llm.base_url}")
-    keeper = BudgetKeeper.remote()  # one budget for explanations and scores
-    results = call_on_ray(asked, cfg.llm, cache, actors=cfg.actors, keeper=keeper,
-                          progress=progress, desc="explanations", unit="feature")
-    explained = explanation_rows(asked, results)
-    atomic_write_parquet(explained, out / "explanations.parquet")
-    texts = {(r["layer"], r["feature"]): r["explanation"] for r in explained if r["ok"]}
-    scored_q = scoring_requests(rows, texts, cfg.scorers, cfg.llm.model, cfg.score_examples)
-    log(f"scoring {len(texts)} explanations: {len(scored_q)} questions ({', '.join(cfg.scorers)})")
-    scored = score_rows(scored_q, call_on_ray(scored_q, cfg.llm, cache, actors=cfg.actors,
-                                              keeper=keeper, progress=progress, desc="scores"))
-    ray.kill(keeper)
-    atomic_write_parquet(scored, out / "scores.parquet")
-    every = explained + scored
-    summary = {
-        "features": len(rows), "explained": len(texts),
-        "explain_failed": sum(not r["ok"] for r in explained),
-        "scored": sum(r["ok"] for r in scored), "score_failed": sum(not r["ok"] for r in scored),
-        "budget_exhausted": any(r["error"] == BUDGET_EXHAUSTED for r in every),
-        "prompt_tokens": sum(r["prompt_tokens"] for r in every),
-        "completion_tokens": sum(r["completion_tokens"] for r in every),
-        "cost_usd": round(sum(r["cost_usd"] for r in every), 6)}
-    for name in cfg.scorers:
-        ok = [r for r in scored if r["scorer"] == name and r["ok"]]
-        if ok:
-            summary[f"{name}_auc_mean"] = round(sum(r["auc"] for r in ok) / len(ok), 4)
-    return summary
-
-
-def topk_request(checkpoint: str | os.PathLike[str], tokens: int, features: tuple[int, int],
-                 settings: TopKSettings, cache: str | None) -> dict:
-    """What a features.parquet was made from (kept in its metadata): a rerun with the same
-    request reuses the file."""
-    return {"checkpoint": str(Path(checkpoint).resolve()), "tokens": tokens,
-            "features": list(features), "settings": vars(settings), "cache": cache}
-
-
-def _metadata(path: Path) -> dict:
-    import pyarrow.parquet as pq
-
-    raw = (pq.read_schema(path).metadata or {}).get(b"clt_ray")
-    return json.loads(raw) if raw else {}
-
-
+def run_autointerp_on_ray(cfg: AutoInterpConfig, log: Callable[[str], None] = print,
+                          progress: bool = False, address: str | None = None,
+                          topk_only: bool = False) -> dict[str, Any]:
+    """`clt-ray autointerp`: the pipeline with the config's actors on the Ray at `address`."""
+    return run_autointerp(cfg, RayExecutor(address=address, actors=cfg.actors,
+                                           cpus_per_actor=cfg.cpus_per_actor,
+                                           progress=progress),
+                          log=log, topk_only=topk_only)

@@ -1,5 +1,5 @@
 """CacheProducer actors: each runs the LM over its own slice of the documents and either writes
-cache files or streams encoded blocks through the object store (DESIGN.md §4).
+cache files or streams encoded blocks through the object store (docs/design.md §4).
 
 Placement and messaging only; every computation is `clt_ray.cache.produce`'s. One process — the
 driver — writes the manifest: producers write their data files and yield the entries, the driver
@@ -16,6 +16,7 @@ from typing import Any
 
 import ray
 import torch
+from clt_ray.actors.ray_session import FORWARDED_ENV
 
 from clt_ray.cache.block import Block, decode_block
 from clt_ray.cache.produce import (
@@ -39,11 +40,8 @@ from clt_ray.cache.store import (
 )
 from clt_ray.config import DataConfig, ModelConfig
 from clt_ray.data import BlockStream, State
-
-# What a producer process needs from the driver's environment (the toy models' cache folder,
-# offline hub flags).
-FORWARDED_ENV = ("CLT_RAY_CACHE", "CLT_RAY_TOY_SEED", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
-                 "HF_HOME", "HF_DATASETS_OFFLINE")
+from clt_ray.lm import load_model
+from clt_ray.lm.loading import model_dims
 
 
 class CacheProducer:
@@ -51,8 +49,6 @@ class CacheProducer:
 
     def __init__(self, model_cfg: ModelConfig, data: DataConfig, slice_index: int,
                  n_slices: int, part: tuple[int, int] = (0, 1)) -> None:
-        from clt_ray.models import load_model
-
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         self.model_cfg, self.data = model_cfg, data
         self.slice_index, self.n_slices, self.part = slice_index, n_slices, part
@@ -101,45 +97,6 @@ class CacheProducer:
 
     def blocks_produced(self) -> int:
         return self.produced
-
-
-def ensure_ray(address: str | None = None) -> None:
-    """Connect to the cluster at `address`, or to a local Ray that already runs, or start one.
-    An address that does not answer is a clear error within seconds (Ray itself retries for
-    about a minute)."""
-    if ray.is_initialized():
-        return
-    # Workers' logs (Ray Train's controller chatter included) reach the terminal only when
-    # debugging; errors still come back as exceptions, metrics through the driver.
-    quiet = {"log_to_driver": bool(os.environ.get("CLT_RAY_DEBUG")),
-             "logging_level": "DEBUG" if os.environ.get("CLT_RAY_DEBUG") else "WARNING"}
-    if address:
-        check_reachable(address)
-        ray.init(address=address, **quiet)
-        return
-    try:
-        ray.init(address="auto", **quiet)
-    except ConnectionError:
-        ray.init(include_dashboard=False, **quiet)
-
-
-def check_reachable(address: str, timeout: float = 5.0) -> None:
-    """CltRayError unless host:port (or ray://host:port) accepts a TCP connection."""
-    import socket
-
-    from clt_ray.config import CltRayError
-
-    if address == "auto" or address.startswith("local"):
-        return
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
-        raise CltRayError(f"Ray address {address!r} is not host:port or ray://host:port")
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
-    except OSError as exc:
-        raise CltRayError(f"no Ray cluster answers at {address} ({exc}); start one with "
-                          "`ray up cluster.yaml` or `ray start --head`, or drop --address to use "
-                          "a local Ray") from None
 
 
 def start_producers(model_cfg: ModelConfig, data: DataConfig, n: int, *,
@@ -225,8 +182,6 @@ class ProducerBlocks(BlockStream):
                  zstd_level: int | None = None, channel_scale: bool = True,
                  cpus: float | None = None, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu", part: tuple[int, int] = (0, 1)) -> None:
-        from clt_ray.data import model_dims
-
         self.n_layers, self.d_model, _ = model_dims(model_cfg)
         self.n = producers or data.producers
         self.bits = bits or data.stream_bits

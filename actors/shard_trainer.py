@@ -1,7 +1,7 @@
-"""FeatureShard: one Ray Train worker holding features [start, stop) of every layer (DESIGN.md §3).
+"""FeatureShard: one Ray Train worker holding features [start, stop) of every layer (docs/design.md §3).
 
-Messaging only: the step, the checkpoint layout and the metrics are `clt_ray.training`'s and
-`clt_ray.checkpoint`'s. Workers are `replicas × shards`: rank = replica · shards + shard. Each
+Messaging only: the step, the checkpoint layout and the metrics are `clt_ray.nn.step`'s,
+`clt_ray.train`'s and `clt_ray.train.checkpoint`'s. Workers are `replicas × shards`: rank = replica · shards + shard. Each
 replica's shards sum their partial reconstructions with one all-reduce; each shard's replicas
 average their gradients. Global rank 0 owns the data: it pulls one batch per replica (each replica
 reads its own part of the corpus or cache) and broadcasts them through the process group; every
@@ -13,7 +13,7 @@ it.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,18 +21,27 @@ import ray
 import ray.train
 import torch
 import torch.distributed as dist
+from clt_ray.actors.cache_producer import ProducerBlocks
 from ray.train import Checkpoint
 from ray.train.collective import broadcast_from_rank_zero
 
-from clt_ray.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint_shard
-from clt_ray.clt import CrossLayerTranscoder
-from clt_ray.config import ConfigError, parse_config
-from clt_ray.data import ShuffledSource, State
-from clt_ray.training import Collectives, Trainer, check_config
+from clt_ray.config import Config, parse_config
+from clt_ray.data import ShuffledSource, State, take_tokens
+from clt_ray.errors import ConfigError
+from clt_ray.lm import load_model
+from clt_ray.nn.step import Collectives
+from clt_ray.train.checkpoint import (
+    checkpoint_path,
+    list_checkpoints,
+    read_manifest,
+    save_checkpoint_shard,
+)
+from clt_ray.train.loop import Trainer
+from clt_ray.train.run import build_trainer, check_config, heldout_set, training_source
 
 
 def feature_range(shard: int, shards: int, n_features: int) -> tuple[int, int]:
-    """Shard `shard` of `shards` equal feature ranges (DESIGN.md §3)."""
+    """Shard `shard` of `shards` equal feature ranges (docs/design.md §3)."""
     check_shards(shards, n_features)
     per = n_features // shards
     return shard * per, (shard + 1) * per
@@ -158,6 +167,10 @@ class ShardTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.rank, self.shards = rank, shards
 
+    @property
+    def checkpoints(self) -> bool:
+        return True
+
     def save(self, source: Any = None, path: Any = None) -> Path:
         st = self.state_to_save(source)  # the cursor is rank 0's (BroadcastSource.state)
         name = checkpoint_path("", st.step).name
@@ -197,11 +210,6 @@ def shard_loop(config: dict[str, Any]) -> None:
         progress = config["progress"]
         sink = progress.record.remote
         attempt = ray.get(progress.attempt.remote())
-    common: dict[str, Any] = {
-        "loss": cfg.loss, "optim": cfg.optim, "train": cfg.train.model_copy(
-            update={"progress": False}), "config": cfg, "collectives": collectives,
-        "record_sink": sink, "rank": rank, "shards": shards,
-        "log": (lambda m: print(m, flush=True)) if rank == 0 else None}
 
     restart = ray.train.get_checkpoint()
     sources, heldout_refs, ckpt_dir = None, None, None
@@ -209,30 +217,21 @@ def shard_loop(config: dict[str, Any]) -> None:
         sources, heldout_refs = _rank0_data(cfg, replicas)
         ckpt_dir = _checkpoint_to_start_from(config["run_dir"], restart)
     heldout_refs, ckpt_dir = broadcast_from_rank_zero([heldout_refs, ckpt_dir])
-    heldout = ray.get(heldout_refs)
-    scratch = Path(tempfile.mkdtemp(prefix="clt-ray-shard-"))
-    if ckpt_dir is not None:
-        model, state, _ = load_checkpoint(ckpt_dir, start, stop, device=device, optimizer=True)
-        trainer = ShardTrainer(model, state=state, total_steps=cfg.train.steps,
-                               heldout=heldout, run_dir=scratch, **common)
-        if sink is not None:  # the driver logs it and drops the lost attempt's later records
-            sink({"kind": "restart", "step": state.step, "tokens": state.tokens,
-                  "shards": shards, "replicas": replicas,
-                  "after_failure": attempt > 1})
-    else:
-        torch.manual_seed(cfg.train.seed)
-        model = CrossLayerTranscoder(clt_cfg, start, stop, device=device)
-        trainer = ShardTrainer(model, total_steps=cfg.train.steps, heldout=heldout,
-                               run_dir=scratch, **common)
-        init = None
-        if rank == 0:
-            from clt_ray.data import take_tokens
 
-            assert sources is not None
-            init = [ray.put(take_tokens(sources[0], cfg.train.init_tokens))]
-        x, y = ray.get(broadcast_from_rank_zero([init])[0][0])
-        trainer.initialize(iter([(x, y)]), init_rate=cfg.clt.init_firing_rate,
-                           normalize=cfg.clt.normalize)
+    def init_batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Rank 0's first init_tokens of its stream, for every shard (init is shard-invariant)."""
+        init = [ray.put(take_tokens(sources[0], cfg.train.init_tokens))] if rank == 0 else None
+        return iter([ray.get(broadcast_from_rank_zero([init])[0][0])])
+
+    trainer = build_trainer(
+        cfg, clt_cfg, ckpt_dir, device=device, heldout=ray.get(heldout_refs),
+        init_batches=init_batches, start=start, stop=stop, trainer_cls=ShardTrainer,
+        log=(lambda m: print(m, flush=True)) if rank == 0 else None,
+        train=cfg.train.model_copy(update={"progress": False}),  # the driver shows progress
+        collectives=collectives, record_sink=sink, rank=rank, shards=shards)
+    if ckpt_dir is not None and sink is not None:  # the driver drops the lost attempt's records
+        sink({"kind": "restart", "step": trainer.step, "tokens": trainer.state.tokens,
+              "shards": shards, "replicas": replicas, "after_failure": attempt > 1})
     source = BroadcastSource(sources, replica, replicas, (clt_cfg.n_layers, clt_cfg.d_model),
                              device)
     try:
@@ -245,8 +244,6 @@ def _checkpoint_to_start_from(run_dir: str, restart: Checkpoint | None) -> str |
     """The newest complete checkpoint: in the run folder (a `--resume`, or one a failed attempt
     wrote — Ray Train registers checkpoints a poll interval after they land, so its own may lag)
     or Ray Train's."""
-    from clt_ray.checkpoint import list_checkpoints, read_manifest
-
     found = [str(p) for p in list_checkpoints(run_dir)]
     if restart is not None:
         found.append(restart.to_directory())
@@ -255,18 +252,15 @@ def _checkpoint_to_start_from(run_dir: str, restart: Checkpoint | None) -> str |
     return max(found, key=lambda p: read_manifest(p)["step"])
 
 
-def _rank0_data(cfg: Any, replicas: int) -> tuple[list[ShuffledSource], Any]:
+def _rank0_data(cfg: Config, replicas: int) -> tuple[list[ShuffledSource], Any]:
     """One training source per replica (disjoint parts of the data) and the held-out batches
     (their object ref), built on rank 0 with the LM loaded once."""
-    from clt_ray.data import heldout_set, training_source
-    from clt_ray.models import load_model
 
     lm, tokenizer = load_model(cfg.model)
     sources = []
     for r in range(replicas):
         blocks = None
         if cfg.data.source == "producers":  # rank 0 owns them: they go and restart with it
-            from clt_ray.actors.cache_producer import ProducerBlocks
 
             blocks = ProducerBlocks(cfg.model, cfg.data, part=(r, replicas))
         sources.append(training_source(cfg, lm, tokenizer, part=(r, replicas), blocks=blocks))

@@ -1,4 +1,4 @@
-"""The driver of feature-sharded training on Ray (DESIGN.md §3): placement of the shard group (a
+"""The driver of feature-sharded training on Ray (docs/design.md §3): placement of the shard group (a
 Ray Train `TorchTrainer`, one FeatureShard per worker), progress and metrics on the driver,
 checkpoints in the run folder, failure recovery and elastic restarts. Every computation is in
 `clt_ray`; the workers run `actors.shard_trainer.shard_loop`.
@@ -6,7 +6,6 @@ checkpoints in the run folder, failure recovery and elastic restarts. Every comp
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import threading
@@ -16,15 +15,27 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from clt_ray.actors.cache_producer import ensure_ray
+from clt_ray.actors.ray_session import ensure_ray
 from clt_ray.actors.shard_trainer import check_shards, shard_loop
 from tqdm.auto import tqdm
 
-from clt_ray.config import ConfigError
-from clt_ray.training import RunResult, finish_run, open_run
+from clt_ray import layout
+from clt_ray.config import Config
+from clt_ray.errors import ConfigError
+from clt_ray.lm import load_model
+from clt_ray.train.checkpoint import load_checkpoint, read_manifest, resolve_checkpoint
+from clt_ray.train.loop import MetricsFile, progress_postfix
+from clt_ray.train.run import (
+    GraphScorerFactory,
+    RunResult,
+    check_config,
+    check_graph_scorer,
+    finish_run,
+    open_run,
+)
 
 # Ray Train waits this long for a worker group to start; its 60 s default made elastic restarts
-# take ~70 s on a stale resource view (DESIGN.md §3).
+# take ~70 s on a stale resource view (docs/design.md §3).
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "30")
 
 
@@ -48,7 +59,7 @@ class Progress:
         return out
 
 
-def with_absolute_paths(cfg: Any) -> Any:
+def with_absolute_paths(cfg: Config) -> Config:
     """The config with local paths (model folder, corpus, cache) made absolute: Ray Train workers
     run in their own working directory."""
 
@@ -63,25 +74,23 @@ def with_absolute_paths(cfg: Any) -> Any:
     return cfg.model_copy(update={"model": model, "data": data})
 
 
-def _wants_gpu(cfg: Any) -> bool:
+def _wants_gpu(cfg: Config) -> bool:
     device = cfg.train.device or cfg.model.device
     return str(device).startswith("cuda")
 
 
-def train_on_ray(cfg: Any, run_dir: str | os.PathLike[str], *, shards: int = 1,
+def train_on_ray(cfg: Config, run_dir: str | os.PathLike[str], *, shards: int = 1,
                  replicas: int = 1, resume: bool = False, address: str | None = None,
                  max_failures: int = 0, min_shards: int | None = None,
                  cpus_per_worker: float | None = None, splice: bool = True,
-                 log: Callable[[str], None] = print) -> RunResult:
+                 log: Callable[[str], None] = print,
+                 graph_scorer: GraphScorerFactory | None = None) -> RunResult:
     """Train the config's CLT with `shards` feature shards × `replicas` data-parallel replicas on
     Ray into `run_dir` (the same folder layout as `train_from_config`). `max_failures`: restarts
     from the last checkpoint after a worker or node is lost; `min_shards`: elastic, restart with as
     few as this many shards per replica when fewer workers can be placed (the checkpoint is
-    resliced)."""
-    from clt_ray.checkpoint import load_checkpoint, resolve_checkpoint
-    from clt_ray.models import load_model
-    from clt_ray.training import check_config
-
+    resliced). `graph_scorer`: as in `train_from_config` (graphs are scored on the whole CLT,
+    at the end)."""
     start_time = time.monotonic()
     run_dir = Path(run_dir)
     clt_cfg = check_config(cfg)  # everything checkable before any actor starts
@@ -104,14 +113,10 @@ def train_on_ray(cfg: Any, run_dir: str | os.PathLike[str], *, shards: int = 1,
     if cpus_per_worker is None:
         cpus_per_worker = max(1.0, math.floor(resources.get("CPU", 1) / workers)) if not use_gpu \
             else 1.0
+    check_graph_scorer(cfg, graph_scorer)
     _, ckpt = open_run(cfg, run_dir, resume)
     if ckpt is not None:
-        from clt_ray.checkpoint import read_manifest
-        from clt_ray.training import truncate_metrics
-
-        step = read_manifest(ckpt)["step"]
-        truncate_metrics(run_dir, step)
-        log(f"resuming {ckpt} at step {step} of {cfg.train.steps}")
+        log(f"resuming {ckpt} at step {read_manifest(ckpt)['step']} of {cfg.train.steps}")
 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -132,7 +137,7 @@ def train_on_ray(cfg: Any, run_dir: str | os.PathLike[str], *, shards: int = 1,
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus_per_worker}),
         run_config=RunConfig(
-            storage_path=str(run_dir.resolve()), name="checkpoints",
+            storage_path=str(run_dir.resolve()), name=layout.CHECKPOINTS,
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
     )
@@ -150,11 +155,11 @@ def train_on_ray(cfg: Any, run_dir: str | os.PathLike[str], *, shards: int = 1,
     thread.start()
     bar = tqdm(total=cfg.train.steps, desc="train", unit="step", dynamic_ncols=True,
                leave=False, disable=not cfg.train.progress)
-    metrics_file = run_dir / "metrics.jsonl"
+    metrics = MetricsFile(run_dir)
     try:
         while True:
             alive = thread.is_alive()
-            _drain(progress, metrics_file, bar)
+            _drain(progress, metrics, bar)
             if not alive:
                 break
             time.sleep(0.5)
@@ -167,26 +172,22 @@ def train_on_ray(cfg: Any, run_dir: str | os.PathLike[str], *, shards: int = 1,
     clt, state, _ = load_checkpoint(latest)
     lm, tokenizer = load_model(cfg.model)
     return finish_run(cfg, run_dir, clt, state, lm=lm, tokenizer=tokenizer,
-                      start_time=start_time, splice=splice)
+                      start_time=start_time, splice=splice,
+                      graph_scorer=graph_scorer(cfg, lm, tokenizer) if graph_scorer else None)
 
 
-def _drain(progress: Any, metrics_file: Path, bar: Any) -> None:
+def _drain(progress: Any, metrics: MetricsFile, bar: Any) -> None:
     """Append rank 0's records to metrics.jsonl; a restart record (the group restarted from a
     checkpoint after a failure) first drops what the lost attempt logged after that step."""
-    from clt_ray.training import truncate_metrics
-
     records = ray.get(progress.take.remote())
     if not records:
         return
     for rec in records:
         if rec["kind"] == "restart":
-            truncate_metrics(metrics_file.parent, rec["step"])
-        with metrics_file.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
+            metrics.truncate_after(rec["step"])
+        metrics.append(rec)
     last = records[-1]
     bar.n = last["step"]
     if last["kind"] == "train":
-        bar.set_postfix(loss=f"{last['loss']:.3g}", ev=f"{last['ev_mean']:.3f}",
-                        l0=f"{last['l0_mean']:.1f}", dead=f"{last['dead_fraction']:.1%}",
-                        refresh=False)
+        bar.set_postfix(progress_postfix(last), refresh=False)
     bar.refresh()

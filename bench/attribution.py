@@ -32,7 +32,8 @@ import torch
 from circuit_tracer.attribution.attribute import attribute
 from circuit_tracer.graph import compute_graph_scores, prune_graph
 
-from clt_ray.attribution import GraphSettings, attribute_prompt, load_replacement_model
+from clt_ray.attribution import attribute_prompt, load_replacement_model
+from clt_ray.config import GraphSettings
 from clt_ray.toy import MECHANISMS, mechanism_prompts
 
 try:
@@ -94,7 +95,8 @@ def main() -> None:
     args = ap.parse_args()
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     if args.clt is None:
-        from clt_ray.toy.clt import build_toy_clt
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from toy_clt import build_toy_clt  # the tests' toy CLT (trained once, then cached)
 
         args.clt = build_toy_clt("gpt2")
     rm = load_replacement_model(args.clt, args.model)

@@ -22,7 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clt_ray.autointerp.llm import LLMClient, LLMConfig, LLMRequest, ResultCache, request_key
+from clt_ray.autointerp.llm import LLMClient, LLMRequest, ResultCache, request_key
+from clt_ray.config import LLMConfig
 from tests.llm_server import FakeLLMServer, echo
 
 

@@ -11,7 +11,7 @@ per layer per block) at the same bit width. Datasets:
   dimensions and outlier tokens, as real LMs have.
 
 The last line compares decoding speed with what the CLT trainer consumes at the toy shape
-(tokens/s of `clt_ray.training.train_step`, measured here too). Goals (issue 4): at equal
+(tokens/s of `clt_ray.train.loop.train_step`, measured here too). Goals (issue 4): at equal
 bytes/token our relative MSE ≤ 1/10 of the baseline's on the outlier data; decoding ≥ 10× faster
 than the trainer consumes tokens.
 
@@ -51,7 +51,7 @@ def synthetic(tokens: int, layers: int = 12, d: int = 768, seed: int = 0):
 def toy(arch: str, tokens: int):
     from clt_ray.config import DataConfig, ModelConfig
     from clt_ray.data import heldout_windows, window_activations
-    from clt_ray.models import load_model
+    from clt_ray.lm import load_model
 
     model_cfg = ModelConfig(name=f"toy:{arch}")
     lm, tok = load_model(model_cfg)
@@ -71,9 +71,9 @@ def timed(fn, reps: int) -> float:
 
 
 def trainer_tokens_per_second(layers: int, d: int, features: int, batch: int) -> float:
-    from clt_ray.clt import CLTConfig, CrossLayerTranscoder
-    from clt_ray.losses import LossConfig
-    from clt_ray.training import OptimConfig, make_optimizer, train_step
+    from clt_ray.config import CLTConfig, LossConfig, OptimConfig
+    from clt_ray.nn.clt import CrossLayerTranscoder
+    from clt_ray.nn.step import make_optimizer, train_step
 
     model = CrossLayerTranscoder(CLTConfig(n_layers=layers, d_model=d, n_features=features))
     opt = make_optimizer(model, OptimConfig())

@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from clt_ray.cache.produce import write_cache
 from clt_ray.config import toy_config
-from clt_ray.models import load_model
-from clt_ray.training import train_from_config
+from clt_ray.lm import load_model
+from clt_ray.train.run import train_from_config
 
 
 def main() -> None:

@@ -18,19 +18,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ray
 import torch
-from clt_ray.actors.cache_producer import (
-    ProducerBlocks,
-    cache_on_ray,
-    ensure_ray,
-    start_producers,
-    stop,
-)
+from clt_ray.actors.cache_producer import ProducerBlocks, cache_on_ray, start_producers, stop
+from clt_ray.actors.ray_session import ensure_ray
 
 from clt_ray.cache.produce import write_cache
-from clt_ray.clt import CrossLayerTranscoder
 from clt_ray.config import toy_config
-from clt_ray.models import load_model
-from clt_ray.training import Trainer, check_config
+from clt_ray.lm import load_model
+from clt_ray.nn.clt import CrossLayerTranscoder
+from clt_ray.train.loop import Trainer
+from clt_ray.train.run import check_config
 
 
 def trainer_tokens_per_s(cfg, steps: int = 20) -> float:

@@ -1,7 +1,7 @@
 """Benchmark: feature-sharded training steps on Ray against the single-process trainer, side by
 side in one run, at a GPT-2-small-shaped CLT (12 layers, d 768).
 
-Both run `clt_ray.training.train_step` (schedules, exact gradients, clipping, Adam) on the same
+Both run `clt_ray.train.loop.train_step` (schedules, exact gradients, clipping, Adam) on the same
 total features and batch. The single process uses all `--threads` threads; each of the N shard
 workers of a Ray Train TorchTrainer holds F/N features with threads/N threads and sums the partial
 reconstructions with the gloo (or NCCL) all-reduce, exactly as `clt-ray train --shards N` does.
@@ -32,7 +32,10 @@ import torch
 from clt_ray.actors.shard_trainer import feature_range
 from torch import Tensor
 
-from clt_ray.checkpoint import (
+from clt_ray.config import CLTConfig, LossConfig, OptimConfig
+from clt_ray.nn.clt import CrossLayerTranscoder, feature_dim
+from clt_ray.nn.step import Collectives, make_optimizer, train_step
+from clt_ray.train.checkpoint import (
     MOMENTS,
     TrainingState,
     _Uninitialised,
@@ -40,9 +43,6 @@ from clt_ray.checkpoint import (
     save_checkpoint,
     save_checkpoint_shard,
 )
-from clt_ray.clt import CLTConfig, CrossLayerTranscoder, feature_dim
-from clt_ray.losses import LossConfig
-from clt_ray.training import Collectives, OptimConfig, make_optimizer, train_step
 
 
 def run_steps(model: CrossLayerTranscoder, x: torch.Tensor, y: torch.Tensor, steps: int,

@@ -1,7 +1,7 @@
 """Benchmark: how close the CLT training step gets to raw matmul speed, and what the sparse
 decoder buys. Everything is measured side by side in one run, on one device.
 
-(a) Achieved FLOP/s of the training step's forward + backward (`clt_ray.training.compute_grads`,
+(a) Achieved FLOP/s of the training step's forward + backward (`clt_ray.train.loop.compute_grads`,
     the code training runs) divided by this device's torch matmul FLOP/s on the same matmuls
     (same shapes, same layouts, run back to back with nothing else). FLOPs are counted from
     shapes (multiply-add = 2):
@@ -40,9 +40,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clt_ray.clt import CLTConfig, CrossLayerTranscoder
-from clt_ray.losses import LossConfig
-from clt_ray.training import OptimConfig, compute_grads, make_optimizer, train_step
+from clt_ray.config import CLTConfig, LossConfig, OptimConfig
+from clt_ray.nn.clt import CrossLayerTranscoder
+from clt_ray.nn.step import compute_grads, make_optimizer, train_step
 
 
 @dataclass

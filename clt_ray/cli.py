@@ -5,13 +5,15 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import click
 
-from clt_ray.config import CltRayError
-
-ARCHS = ("gpt2", "llama")
+from clt_ray import layout
+from clt_ray.config import TOY_ARCHS
+from clt_ray.errors import CltRayError
 
 
 def _format_scores(scores: dict) -> str:
@@ -50,14 +52,14 @@ def toy() -> None:
 
 
 @toy.command("build")
-@click.option("--arch", type=click.Choice(ARCHS + ("all",)), default="all", show_default=True)
+@click.option("--arch", type=click.Choice(TOY_ARCHS + ("all",)), default="all", show_default=True)
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Overrides $CLT_RAY_CACHE (default ~/.cache/clt-ray).")
 def toy_build(arch: str, cache_dir: Path | None) -> None:
     """Build (or reuse) the toy models and print where they are and what they learned."""
     from clt_ray.toy import build_toy_model
 
-    for a in ARCHS if arch == "all" else (arch,):
+    for a in TOY_ARCHS if arch == "all" else (arch,):
         _report_toy(build_toy_model(a, cache_dir=cache_dir))
 
 
@@ -80,16 +82,16 @@ def demo(cache_dir: Path | None, run_dir: Path, activations: Path, producers: in
     shards on Ray and examples/toy.yaml's settings and report held-out EV, L0, dead features and the CE/KL change
     when it replaces the MLPs; then attribution graphs of held-out mechanism prompts with their
     replacement and completeness scores."""
-    from clt_ray.actors.cache_producer import cache_on_ray, ensure_ray
+    from clt_ray.actors.cache_producer import cache_on_ray
+    from clt_ray.actors.ray_session import ensure_ray
     from clt_ray.actors.trainer import train_on_ray
     from clt_ray.config import toy_config
     from clt_ray.toy import build_toy_model
-    from clt_ray.training import format_metrics
 
     start = time.monotonic()
     if cache_dir is not None:
         os.environ["CLT_RAY_CACHE"] = str(cache_dir)
-    for arch in ARCHS:
+    for arch in TOY_ARCHS:
         _report_toy(build_toy_model(arch, cache_dir=cache_dir))
     _clear_demo_run(run_dir)
     cfg = toy_config("gpt2")
@@ -107,7 +109,7 @@ def demo(cache_dir: Path | None, run_dir: Path, activations: Path, producers: in
     click.echo(f"CLT after {result.step} steps ({result.seconds:.0f} s), held-out:")
     click.echo(format_metrics(result.metrics, cfg.train.dead_after_tokens))
     click.echo(f"  checkpoint: {result.checkpoint}")
-    _demo_graphs(run_dir, run_dir / "graphs")
+    _demo_graphs(run_dir, run_dir / layout.GRAPHS)
     _demo_features(run_dir, activations)
     click.echo(f"demo finished in {time.monotonic() - start:.0f} s")
     if no_serve:
@@ -118,7 +120,7 @@ def demo(cache_dir: Path | None, run_dir: Path, activations: Path, producers: in
 
 def _demo_graphs(run_dir: Path, out: Path) -> None:
     """Attribution graphs of held-out prompts of each toy mechanism, with their scores."""
-    from clt_ray.attribution import attribute_prompts, format_summary
+    from clt_ray.attribution import attribute_prompts
     from clt_ray.export import export_checkpoint
     from clt_ray.toy import MECHANISMS, mechanism_prompts
 
@@ -133,11 +135,12 @@ def _demo_graphs(run_dir: Path, out: Path) -> None:
 def _demo_features(run_dir: Path, activations: Path) -> None:
     """Top activating examples and statistics of every feature, read from the activation cache
     the CLT was trained on (no LM passes): the input of explanations and of the viewer."""
-    from clt_ray.actors.autointerp import collect_on_ray, topk_request
-    from clt_ray.autointerp.collect import TopKSettings
-    from clt_ray.checkpoint import load_checkpoint
+    from clt_ray.actors.autointerp import collect_on_ray
+    from clt_ray.autointerp.pipeline import topk_request
+    from clt_ray.config import TopKSettings
+    from clt_ray.train.checkpoint import load_checkpoint
 
-    out = run_dir / "autointerp" / "features.parquet"
+    out = run_dir / layout.AUTOINTERP / layout.TOPK_FEATURES
     click.echo(f"\ntop-k examples of every feature from the activation cache (Ray Data)\n"
                f"  features: {out}")
     loaded = load_checkpoint(run_dir)
@@ -172,8 +175,7 @@ def _clear_demo_run(run_dir: Path) -> None:
     if not run_dir.exists():
         return
     names = {p.name for p in run_dir.iterdir()}
-    if not names <= {"config.yaml", "metrics.jsonl", "checkpoints", "summary.json", "tensorboard",
-                     "graphs", "autointerp"}:
+    if not names <= layout.RUN_FOLDER_ENTRIES:
         raise CltRayError(f"{run_dir} holds files that are not a clt-ray run; pass another "
                           "--run-dir")
     shutil.rmtree(run_dir)
@@ -227,8 +229,10 @@ def train(config_path: Path | None, run_dir: Path | None, steps: int | None,
     checkpoints/step_<n>/ and summary.json, then prints the held-out EV, L0 and dead features.
     In one process, Ctrl-C finishes the step, checkpoints and stops; --resume goes on. Any
     checkpoint resumes with any shard count."""
-    from clt_ray.config import ConfigError, load_config
-    from clt_ray.training import train_from_config
+    from clt_ray.attribution import graph_scorer_for
+    from clt_ray.config import load_config
+    from clt_ray.errors import ConfigError
+    from clt_ray.train.run import train_from_config
 
     if config_path is None and not (resume and run_dir is not None):
         raise click.UsageError("--config is required (or --resume with --run-dir)")
@@ -238,14 +242,14 @@ def train(config_path: Path | None, run_dir: Path | None, steps: int | None,
         run_dir = (_newest_run(config_path) if resume else
                    Path("runs") / f"{config_path.stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     if resume:
-        saved = load_config(run_dir / "config.yaml")
+        saved = load_config(run_dir / layout.RUN_CONFIG)
         if cfg is not None:
             a, b = _flat(cfg.model_dump(mode="json")), _flat(saved.model_dump(mode="json"))
             diff = sorted(k for k in a.keys() | b.keys()
                           if a.get(k) != b.get(k) and k != "train.steps")
             if diff:
                 raise ConfigError(f"{config_path} differs from the run's config "
-                                  f"{run_dir / 'config.yaml'} in: {', '.join(diff)}")
+                                  f"{run_dir / layout.RUN_CONFIG} in: {', '.join(diff)}")
         cfg = saved
     assert cfg is not None
     if steps is not None:
@@ -259,19 +263,22 @@ def train(config_path: Path | None, run_dir: Path | None, steps: int | None,
 
         result = train_on_ray(cfg, run_dir, shards=shards or 1, replicas=replicas or 1,
                               resume=resume, address=address, max_failures=max_failures,
-                              min_shards=min_shards, log=click.echo)
+                              min_shards=min_shards, log=click.echo,
+                              graph_scorer=graph_scorer_for)
         _print_result(cfg, result, run_dir)
         return
     blocks = None
     if cfg.data.source == "producers":
-        from clt_ray.actors.cache_producer import ProducerBlocks, ensure_ray
-        from clt_ray.training import check_config
+        from clt_ray.actors.cache_producer import ProducerBlocks
+        from clt_ray.actors.ray_session import ensure_ray
+        from clt_ray.train.run import check_config
 
         check_config(cfg)  # before Ray starts
         ensure_ray(address)
         blocks = ProducerBlocks(cfg.model, cfg.data)
     try:
-        result = train_from_config(cfg, run_dir, resume=resume, log=click.echo, blocks=blocks)
+        result = train_from_config(cfg, run_dir, resume=resume, log=click.echo, blocks=blocks,
+                                   graph_scorer=graph_scorer_for)
     finally:
         if blocks is not None:
             blocks.close()
@@ -279,7 +286,6 @@ def train(config_path: Path | None, run_dir: Path | None, steps: int | None,
 
 
 def _print_result(cfg, result, run_dir: Path) -> None:
-    from clt_ray.training import format_metrics
 
     click.echo(f"{'stopped' if result.step < cfg.train.steps else 'finished'} at step "
                f"{result.step} of {cfg.train.steps} in {result.seconds:.0f} s; held-out:")
@@ -312,7 +318,7 @@ def cache(config_path: Path, out: str, tokens: int, bits: str, zstd_level: int,
     Ray actors, each on its own slice of the documents. Run it again to resume: finished files are
     kept. Train from it with `data.source: cache`."""
     from clt_ray.config import load_config
-    from clt_ray.training import check_config
+    from clt_ray.train.run import check_config
 
     cfg = load_config(config_path)
     if cfg.cache_dir is not None:
@@ -324,12 +330,13 @@ def cache(config_path: Path, out: str, tokens: int, bits: str, zstd_level: int,
         if producers != 1:
             raise click.UsageError("--in-process runs one producer; drop --producers")
         from clt_ray.cache.produce import write_cache
-        from clt_ray.models import load_model
+        from clt_ray.lm import load_model
 
         lm, tokenizer = load_model(cfg.model)
         write_cache(lm, tokenizer, cfg.data, cfg.model, out, **common)
         return
-    from clt_ray.actors.cache_producer import cache_on_ray, ensure_ray
+    from clt_ray.actors.cache_producer import cache_on_ray
+    from clt_ray.actors.ray_session import ensure_ray
 
     ensure_ray(address)
     cache_on_ray(cfg.model, cfg.data, out, producers=producers, cpus=cpus_per_producer, **common)
@@ -357,7 +364,7 @@ def eval_command(checkpoint: Path, batches: int | None, tokens: int | None,
     zero-ablation CE as reference. Definitions: clt_ray/metrics.py."""
     import json
 
-    from clt_ray.metrics import evaluate_checkpoint, format_report
+    from clt_ray.eval.metrics import evaluate_checkpoint, format_report
 
     result = evaluate_checkpoint(str(checkpoint), batches=batches, tokens=tokens,
                                  batch_size=batch_size, device=device, splice=not no_splice)
@@ -383,7 +390,7 @@ def export_command(checkpoint: Path, out: Path, model_name: str | None, scan: st
     TopK/BatchTopK CLTs are converted to JumpReLU (thresholds set on held-out activations so L0
     per layer is kept); circuit-tracer loads the folder with load_clt(OUT, dtype=torch.float32)."""
     from clt_ray.export import export_checkpoint, read_export_config
-    from clt_ray.models.loading import to_dtype
+    from clt_ray.lm.loading import to_dtype
 
     path = export_checkpoint(checkpoint, out, model_name=model_name, scan=scan,
                              calibration_tokens=calibration_tokens, dtype=to_dtype(dtype))
@@ -448,7 +455,8 @@ def attribute_command(clt: Path, prompts: tuple[str, ...], prompts_file: Path | 
     """Attribution graphs of many prompts with circuit-tracer (the model loaded once): graph JSON
     for its frontend, feature dashboards that work offline, and a summary table (graphs.parquet)
     with nodes, edges, replacement and completeness scores per prompt."""
-    from clt_ray.attribution import GraphSettings, attribute_prompts, format_summary
+    from clt_ray.attribution import attribute_prompts
+    from clt_ray.config import GraphSettings
 
     texts = list(prompts)
     if prompts_file is not None:
@@ -462,7 +470,7 @@ def attribute_command(clt: Path, prompts: tuple[str, ...], prompts_file: Path | 
                              settings=settings, device=device, corpus=corpus,
                              example_tokens=example_tokens, log=click.echo)
     click.echo(format_summary(rows))
-    click.echo(f"graphs, dashboards and graphs.parquet in {out}; view them with "
+    click.echo(f"graphs, dashboards and {layout.GRAPH_SUMMARY} in {out}; view them with "
                f"`clt-ray serve RUN_DIR --graphs {out}` (with the run's features and curves) "
                f"or `clt-ray serve-graphs {out}`")
 
@@ -499,10 +507,10 @@ def intervene_command(clt: Path, prompt: str, settings: tuple[str, ...], target:
 @click.option("--port", type=click.IntRange(0, 65535), default=8032, show_default=True)
 def serve_graphs(folder: Path, host: str, port: int) -> None:
     """circuit-tracer's graph viewer over an `attribute` output folder (Ctrl-C stops it)."""
-    from clt_ray.attribution import METADATA_FILE, serve_frontend
+    from clt_ray.attribution import serve_frontend
 
-    if not (folder / METADATA_FILE).is_file():
-        raise CltRayError(f"{folder} has no {METADATA_FILE}: make graphs with "
+    if not (folder / layout.GRAPH_METADATA).is_file():
+        raise CltRayError(f"{folder} has no {layout.GRAPH_METADATA}: make graphs with "
                           "`clt-ray attribute --out FOLDER` first")
     server = serve_frontend(folder, host, port)
     bound_host, bound_port = server.httpd.server_address[:2]
@@ -582,18 +590,17 @@ def autointerp_command(config_path: Path, out: str | None, address: str | None,
     Ray Data pass over held-out text, then explanations and detection/fuzzing scores through an
     actor pool of async clients. The API key comes only from the environment variable named by
     llm.api_key_env. A rerun reuses what is done and asks the endpoint only for what is missing."""
-    from clt_ray.actors.autointerp import run_autointerp
-    from clt_ray.autointerp.config import AutoInterpConfig
-    from clt_ray.config import load_config
+    from clt_ray.actors.autointerp import run_autointerp_on_ray
+    from clt_ray.config import AutoInterpConfig, load_config
 
     cfg = load_config(config_path, AutoInterpConfig)
     if out is not None:
         cfg = cfg.model_copy(update={"out": out})
-    summary = run_autointerp(cfg, log=click.echo, progress=True, address=address,
-                             topk_only=topk_only)
+    summary = run_autointerp_on_ray(cfg, log=click.echo, progress=True, address=address,
+                                    topk_only=topk_only)
     if topk_only:
         click.echo(f"top-k statistics of {summary['features']} features ({summary['fired']} "
-                   f"fired) in {Path(cfg.out) / 'features.parquet'}; no LLM requests sent")
+                   f"fired) in {Path(cfg.out) / layout.TOPK_FEATURES}; no LLM requests sent")
         return
     click.echo(f"{summary['explained']} of {summary['features']} features explained "
                f"({summary['explain_failed']} failed), {summary['scored']} scores "
@@ -607,6 +614,45 @@ def autointerp_command(config_path: Path, out: str | None, address: str | None,
         click.echo(f"budget of ${cfg.llm.budget_usd} reached: requests after it were not sent "
                    "(rerun with a larger llm.budget_usd to finish)")
     click.echo(f"outputs in {cfg.out}: features.parquet, explanations.parquet, scores.parquet")
+
+
+def format_metrics(m: dict[str, Any], dead_after_tokens: int | None = None) -> str:
+    """The headline numbers of a metrics.evaluate result, a few lines for people."""
+    ev, l0 = m["explained_variance"], m["l0"]
+    lines = [
+        f"  held-out EV     {sum(ev) / len(ev):.3f} mean   per layer "
+        + " ".join(f"{v:.3f}" for v in ev),
+        f"  L0 per layer    {sum(l0) / len(l0):.1f} mean   per layer "
+        + " ".join(f"{v:.1f}" for v in l0),
+    ]
+    if "dead_training" in m:
+        window = (f"{dead_after_tokens:,}" if dead_after_tokens else "train.dead_after_tokens")
+        lines.append(f"  dead features   {m['dead_training_fraction']:.1%} ({m['dead_training']} "
+                     f"not fired in the last {window} training tokens); "
+                     f"never fired on held-out: {m['dead_heldout_fraction']:.1%}")
+    if "graph_replacement" in m:
+        lines.append(f"  graphs          replacement {m['graph_replacement']:.3f}   "
+                     f"completeness {m['graph_completeness']:.3f}   "
+                     f"({len(m['graph_replacement_per_prompt'])} held-out prompts)")
+    if "delta_ce" in m:
+        lines.append(f"  spliced         ΔCE {m['delta_ce']:+.4f} nats   KL {m['kl_spliced']:.4f}   "
+                     f"CE recovered {m['ce_recovered']:.3f}   (clean CE {m['ce_clean']:.3f})")
+    return "\n".join(lines)
+
+
+def format_summary(rows: Sequence[dict[str, Any]]) -> str:
+    """The summary table for people: one line per graph and the means."""
+    header = (f"{'graph':<34} {'tokens':>6} {'nodes':>6} {'edges':>7} {'replace':>8} "
+              f"{'complete':>8} {'s':>6}")
+    lines = [header]
+    for r in rows:
+        lines.append(f"{r['slug'][:34]:<34} {r['tokens']:>6} {r['nodes']:>6} {r['edges']:>7} "
+                     f"{r['replacement']:>8.3f} {r['completeness']:>8.3f} {r['seconds']:>6.2f}")
+    n = len(rows)
+    lines.append(f"{'mean':<34} {'':>6} {'':>6} {'':>7} "
+                 f"{sum(r['replacement'] for r in rows) / n:>8.3f} "
+                 f"{sum(r['completeness'] for r in rows) / n:>8.3f}")
+    return "\n".join(lines)
 
 
 def main() -> None:

@@ -1,11 +1,17 @@
-"""Typed configs (pydantic) that load from YAML and reject what they do not know, naming it.
+"""Every config of clt-ray, in one place (layer 1: imports only errors and fsutil): typed pydantic
+models that load from YAML and reject what they do not know, naming it.
 
-Every config section is a `StrictModel`: unknown keys are an error, not silently ignored, because a
-misspelt key in a research config otherwise trains the wrong thing for hours.
+Every section is a `StrictModel`: unknown keys are an error, not silently ignored, because a
+misspelt key in a research config otherwise trains the wrong thing for hours. In order: the model,
+the CLT (`CLTConfig`, and the `clt:` section `CLTSection` that resolves to it), the loss and
+optimiser schedules, data, training, the root `Config` of a run; then attribution's
+`GraphSettings`, the top-k statistics, the LLM endpoint and the auto-interp run; then loading,
+dumping and the toy settings.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -15,6 +21,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    NonNegativeFloat,
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
@@ -22,22 +29,17 @@ from pydantic import (
     model_validator,
 )
 
+from clt_ray.errors import ConfigError
 from clt_ray.fsutil import atomic_write_text
 
 CACHE_ENV = "CLT_RAY_CACHE"
+TOY_ARCHS = ("gpt2", "llama")
+"""The toy world's architectures (`toy:gpt2`, `toy:llama`)."""
 
-# The two supported (input hook, output hook) pairs of DESIGN.md §2, in circuit-tracer's names.
+# The two supported (input hook, output hook) pairs of docs/design.md §2, in circuit-tracer's names.
 HOOK_PAIRS: dict[str, str] = {"hook_resid_mid": "hook_mlp_out", "mlp.hook_in": "mlp.hook_out"}
 InputHook = Literal["hook_resid_mid", "mlp.hook_in"]
 OutputHook = Literal["hook_mlp_out", "mlp.hook_out"]
-
-
-class CltRayError(Exception):
-    """An error the user can fix (bad input, missing artefact); the CLI prints it without a traceback."""
-
-
-class ConfigError(CltRayError, ValueError):
-    """A config that cannot be used; the message names the file, the key and the problem."""
 
 
 class StrictModel(BaseModel):
@@ -80,6 +82,38 @@ Precision = Literal["float32", "bfloat16", "float16"]
 Activation = Literal["jumprelu", "relu", "topk", "batchtopk"]
 
 
+def check_k(activation: str, k: int | None) -> None:
+    """TopK/BatchTopK need k (active features per token per layer); the others take none."""
+    if activation in ("topk", "batchtopk") and k is None:
+        raise ValueError(f"activation '{activation}' needs k (active features per token per layer)")
+    if activation in ("jumprelu", "relu") and k is not None:
+        raise ValueError(f"k is only used by topk/batchtopk, not '{activation}'")
+
+
+class CLTConfig(StrictModel):
+    """Shape and activation of a whole CLT (shards are given their range separately)."""
+
+    n_layers: PositiveInt
+    d_model: PositiveInt
+    n_features: PositiveInt
+    """Features per layer in the whole CLT (F)."""
+    activation: Activation = "jumprelu"
+    k: PositiveInt | None = None
+    """Active features per token per layer: TopK exactly, BatchTopK on average over the batch."""
+    bandwidth: PositiveFloat = 1.0
+    """JumpReLU straight-through bandwidth ε, in normalised units (pre-activations are O(1))."""
+    init_threshold: PositiveFloat = 0.1
+    """Initial JumpReLU θ (every feature)."""
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check_k(self) -> CLTConfig:
+        check_k(self.activation, self.k)
+        if self.k is not None and self.k > self.n_features:
+            raise ValueError(f"k={self.k} exceeds n_features={self.n_features}")
+        return self
+
+
 class CLTSection(StrictModel):
     """The `clt:` section: the CLT's width and activation. n_layers and d_model come from the model
     (`resolve` builds the full `clt.CLTConfig`); give them here only to have them checked."""
@@ -110,11 +144,7 @@ class CLTSection(StrictModel):
     def _width_and_k(self) -> CLTSection:
         if self.n_features is not None and self.expansion_factor is not None:
             raise ValueError("give n_features or expansion_factor, not both")
-        if self.activation in ("topk", "batchtopk") and self.k is None:
-            raise ValueError(f"activation '{self.activation}' needs k "
-                             "(active features per token per layer)")
-        if self.activation in ("jumprelu", "relu") and self.k is not None:
-            raise ValueError(f"k is only used by topk/batchtopk, not '{self.activation}'")
+        check_k(self.activation, self.k)
         return self
 
     def features_for(self, d_model: int) -> int:
@@ -122,10 +152,8 @@ class CLTSection(StrictModel):
             return self.n_features
         return max(1, round((self.expansion_factor or 8.0) * d_model))
 
-    def resolve(self, n_layers: int, d_model: int) -> Any:
-        """The `clt.CLTConfig` for a model with these dimensions; ConfigError on a mismatch."""
-        from clt_ray.clt import CLTConfig  # clt imports this module
-
+    def resolve(self, n_layers: int, d_model: int) -> CLTConfig:
+        """The `CLTConfig` for a model with these dimensions; ConfigError on a mismatch."""
         problems = []
         if self.n_layers is not None and self.n_layers != n_layers:
             problems.append(f"clt.n_layers: {self.n_layers}, but the model has {n_layers} layers")
@@ -140,6 +168,93 @@ class CLTSection(StrictModel):
                              init_threshold=self.init_threshold, seed=self.seed)
         except ValidationError as exc:
             raise ConfigError(format_validation_error(exc, CLTConfig, "clt")) from None
+
+
+def _fraction(default: float) -> float:
+    """A config field in [0, 1] (a fraction of the run's total steps or of a value)."""
+    return Field(default=default, ge=0.0, le=1.0)
+
+
+
+def _check_step(step: int, total_steps: int) -> None:
+    if total_steps <= 0:
+        raise ValueError(f"total_steps must be positive, got {total_steps}")
+    if step < 0:
+        raise ValueError(f"step must be non-negative, got {step}")
+
+
+class SparsitySchedule(StrictModel):
+    """λ(t): 0 for the first wait_frac of the run, then a ramp over ramp_frac to `final`."""
+
+    final: NonNegativeFloat = 1.0
+    wait_frac: float = _fraction(0.0)
+    ramp_frac: float = _fraction(1.0)
+    shape: Literal["linear", "cosine"] = "linear"
+
+    @model_validator(mode="after")
+    def _fits(self) -> SparsitySchedule:
+        if self.wait_frac + self.ramp_frac > 1 + 1e-9:
+            raise ValueError(f"wait_frac + ramp_frac = {self.wait_frac + self.ramp_frac} exceeds 1")
+        return self
+
+    def at(self, step: int, total_steps: int) -> float:
+        _check_step(step, total_steps)
+        wait, ramp = self.wait_frac * total_steps, self.ramp_frac * total_steps
+        if step < wait:
+            return 0.0
+        frac = 1.0 if ramp == 0 else min(1.0, (step - wait) / ramp)
+        if self.shape == "cosine":
+            frac = (1 - math.cos(math.pi * frac)) / 2
+        return self.final * frac
+
+
+class LRSchedule(StrictModel):
+    """Linear warm-up over warmup_frac, constant, then decay from decay_start_frac to the end,
+    down to final_frac·lr."""
+
+    lr: PositiveFloat = 2e-4
+    warmup_frac: float = _fraction(0.01)
+    decay: Literal["constant", "linear", "cosine"] = "linear"
+    decay_start_frac: float = _fraction(0.8)
+    final_frac: float = _fraction(0.0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> LRSchedule:
+        if self.decay != "constant" and self.decay_start_frac < self.warmup_frac:
+            raise ValueError("decay_start_frac must not come before the end of warm-up")
+        return self
+
+    def at(self, step: int, total_steps: int) -> float:
+        """The learning rate of the update made at `step` (0-based); step 0 already gets
+        lr/warmup_steps, so no update is wasted at lr 0."""
+        _check_step(step, total_steps)
+        warmup = self.warmup_frac * total_steps
+        if step < warmup:
+            return self.lr * min(1.0, (step + 1) / warmup)
+        start = self.decay_start_frac * total_steps
+        if self.decay == "constant" or step < start:
+            return self.lr
+        frac = min(1.0, (step - start) / max(total_steps - start, 1e-12))
+        shape = frac if self.decay == "linear" else (1 - math.cos(math.pi * frac)) / 2
+        return self.lr * (1 - (1 - self.final_frac) * shape)
+
+
+class LossConfig(StrictModel):
+    """Coefficients of mse + λ(t)·sparsity + λ_p·preact."""
+
+    sparsity: SparsitySchedule = SparsitySchedule()
+    tanh_c: PositiveFloat = 1.0
+    """c in tanh(c·a·‖W_dec‖)."""
+    preact_coef: NonNegativeFloat = 3e-6
+    """λ_p."""
+
+
+class OptimConfig(StrictModel):
+    lr: LRSchedule = LRSchedule()
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: PositiveFloat = 1e-8
+    max_grad_norm: PositiveFloat | None = Field(default=1.0)
+    """Clip the GLOBAL gradient norm (over all shards) to this; None: no clipping."""
 
 
 class DataConfig(StrictModel):
@@ -244,47 +359,152 @@ class TrainConfig(StrictModel):
         return self
 
 
-def _define_run_config() -> type[StrictModel]:
-    """`Config`, defined on first use: its loss/optim sections live in losses.py / training.py,
-    which import this module (PEP 562 `__getattr__` below breaks the import cycle)."""
-    from clt_ray.losses import LossConfig
-    from clt_ray.training import OptimConfig
+class Config(StrictModel):
+    """A whole clt-ray run: model, CLT, loss, optimiser, training loop and data."""
 
-    class Config(StrictModel):
-        """A whole clt-ray run: model, CLT, loss, optimiser, training loop and data."""
+    model: ModelConfig = ModelConfig()
+    clt: CLTSection = CLTSection()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    data: DataConfig = DataConfig()
+    cache_dir: Path | None = None
+    """Overrides $CLT_RAY_CACHE / ~/.cache/clt-ray for this run."""
 
-        model: ModelConfig = ModelConfig()
-        clt: CLTSection = CLTSection()
-        loss: LossConfig = LossConfig()
-        optim: OptimConfig = OptimConfig()
-        train: TrainConfig = TrainConfig()
-        data: DataConfig = DataConfig()
-        cache_dir: Path | None = None
-        """Overrides $CLT_RAY_CACHE / ~/.cache/clt-ray for this run."""
-
-        @model_validator(mode="after")
-        def _consistent(self) -> Config:
-            if self.train.graph_prompts and self.clt.activation not in ("jumprelu", "relu"):
-                raise ValueError(f"train.graph_prompts: attribution graphs need a JumpReLU or "
-                                 f"ReLU CLT, this one is {self.clt.activation} (export converts "
-                                 "it after training; score graphs with `clt-ray attribute`)")
-            if self.data.shuffle_buffer < self.train.batch_size:
-                raise ValueError(f"data.shuffle_buffer ({self.data.shuffle_buffer} tokens) is "
-                                 f"smaller than one batch (train.batch_size "
-                                 f"{self.train.batch_size})")
-            return self
-
-    Config.__module__ = __name__
-    Config.__qualname__ = "Config"
-    return Config
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        if self.train.graph_prompts and self.clt.activation not in ("jumprelu", "relu"):
+            raise ValueError(f"train.graph_prompts: attribution graphs need a JumpReLU or "
+                             f"ReLU CLT, this one is {self.clt.activation} (export converts "
+                             "it after training; score graphs with `clt-ray attribute`)")
+        if self.data.shuffle_buffer < self.train.batch_size:
+            raise ValueError(f"data.shuffle_buffer ({self.data.shuffle_buffer} tokens) is "
+                             f"smaller than one batch (train.batch_size "
+                             f"{self.train.batch_size})")
+        return self
 
 
-def __getattr__(name: str) -> Any:
-    if name == "Config":
-        cls = _define_run_config()
-        globals()["Config"] = cls
-        return cls
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+class GraphSettings(StrictModel):
+    """How graphs are computed and pruned (circuit-tracer's `attribute` / `prune_graph`)."""
+
+    max_feature_nodes: PositiveInt = 4096
+    """Always set: the adjacency matrix is dense, so memory grows with nodes²."""
+    max_n_logits: PositiveInt = 10
+    desired_logit_prob: float = Field(0.95, gt=0, le=1)
+    batch_size: PositiveInt = 256
+    """Source nodes per backward pass."""
+    node_threshold: float = Field(0.8, ge=0, le=1)
+    edge_threshold: float = Field(0.98, ge=0, le=1)
+
+
+NO_KEY = "EMPTY"
+"""What local servers (vLLM, SGLang) accept when no key is configured."""
+
+
+class LLMConfig(StrictModel):
+    """Which server and model to ask, how hard, and what it may cost."""
+
+    base_url: str = Field("http://127.0.0.1:8000/v1", min_length=1)
+    model: str = Field(min_length=1)
+    api_key_env: str = Field("OPENAI_API_KEY", min_length=1)
+    """Name of the environment variable holding the key (unset: "EMPTY", for local servers)."""
+    concurrency: PositiveInt = 64
+    timeout_s: PositiveFloat = 60.0
+    max_retries: NonNegativeInt = 5
+    max_tokens: PositiveInt = 256
+    temperature: NonNegativeFloat = 0.0
+    prompt_price_per_mtok: NonNegativeFloat = 0.0
+    completion_price_per_mtok: NonNegativeFloat = 0.0
+    """USD per million tokens, for the cost counts and the budget."""
+    budget_usd: NonNegativeFloat | None = None
+    """Stop sending once this much is spent (None: no cap)."""
+    http: Literal["aiohttp", "httpx"] = "aiohttp"
+    """openai's HTTP transport: aiohttp costs less CPU per request (the limit of one process)."""
+
+    def api_key(self) -> str:
+        return os.environ.get(self.api_key_env) or NO_KEY
+
+    def cost_usd(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (
+            prompt_tokens * self.prompt_price_per_mtok
+            + completion_tokens * self.completion_price_per_mtok
+        ) / 1e6
+
+
+class FeatureChoice(StrictModel):
+    """Features to explain: every one, index ranges (of every layer, or of one), or the feature
+    nodes of the attribution graphs in a `clt-ray attribute` output folder."""
+
+    all: bool = False
+    ranges: list[tuple[int, int]] = Field(default_factory=list)
+    """[start, stop) feature indices."""
+    layers: list[int] | None = None
+    """Only these layers (default: all)."""
+    graphs: str | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> FeatureChoice:
+        chosen = sum([self.all, bool(self.ranges), self.graphs is not None])
+        if chosen != 1:
+            raise ValueError("features: give exactly one of `all: true`, `ranges: [[start, "
+                             "stop], ...]` or `graphs: <attribute output folder>`")
+        for a, b in self.ranges:
+            if not 0 <= a < b:
+                raise ValueError(f"features.ranges: [{a}, {b}) is not a range of feature indices")
+        return self
+
+
+class TopKCommon(StrictModel):
+    """What the `topk:` section and the statistics share (defaults stated once)."""
+
+    k: PositiveInt = 20
+    """Top windows per feature."""
+    samples_per_bin: PositiveInt = 4
+    """Min-hash samples per activation bin (quantile examples come from these)."""
+    range_size: PositiveInt = 512
+    """Features per layer encoded together (memory: windows × T × L × range_size floats)."""
+    chunk_windows: PositiveInt = 32
+
+
+class TopKSettings(TopKCommon):
+    """How top-k statistics are collected (features/): the section's keys and fixed ones."""
+
+    quantile_groups: PositiveInt = 4
+    per_group: PositiveInt = 5
+    logits: PositiveInt = 10
+
+
+class TopKSection(TopKCommon):
+    """The auto-interp config's `topk:` section."""
+
+    source: Literal["heldout", "cache"] = "heldout"
+    """`heldout`: the LM over held-out text of the CLT's corpus; `cache`: the CLT inputs read
+    from an activation cache (no LM passes; its windows are training text)."""
+    cache: str | None = None
+    """The cache when `source: cache` (default: the run's data.cache)."""
+    tokens: PositiveInt = 65536
+    """Tokens searched for examples."""
+
+    def settings(self) -> TopKSettings:
+        return TopKSettings(**self.model_dump(include=set(TopKCommon.model_fields)))
+
+
+class AutoInterpConfig(StrictModel):
+    checkpoint: str
+    """A training run folder or checkpoint (its config names the model and corpus)."""
+    out: str
+    """Output folder: features.parquet, explanations.parquet, scores.parquet, llm-cache/."""
+    features: FeatureChoice = FeatureChoice(all=True)
+    topk: TopKSection = TopKSection()
+    explain_examples: PositiveInt = 10
+    scorers: list[Literal["detection", "fuzzing"]] = Field(
+        default_factory=lambda: ["detection", "fuzzing"])
+    score_examples: PositiveInt = 5
+    """Activating and non-activating (or mis-highlighted) examples per scorer question."""
+    llm: LLMConfig
+    actors: PositiveInt = 2
+    """Ray actors for the top-k pass and for the LLM calls (each gets llm.concurrency / actors)."""
+    cpus_per_actor: PositiveFloat = Field(0.5, le=64)
 
 
 C = TypeVar("C", bound=BaseModel)
@@ -325,7 +545,7 @@ def parse_config(data: dict[str, Any] | None, cls: type[C] | None = None,
                  source: str = "config") -> C:
     """Validate a mapping into `cls` (default: Config), raising ConfigError naming every problem."""
     if cls is None:
-        cls = __getattr__("Config") if "Config" not in globals() else globals()["Config"]
+        cls = Config  # type: ignore[assignment]
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -353,15 +573,13 @@ def dump_config(config: BaseModel, path: str | os.PathLike[str]) -> None:
     atomic_write_text(path, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
 
 
-def toy_config(arch: str = "gpt2") -> Any:
+def toy_config(arch: str = "gpt2") -> Config:
     """The tuned settings of examples/toy.yaml (arch "gpt2") and examples/toy-llama.yaml
     ("llama"): what `clt-ray demo` trains (a test keeps the YAML files equal to these)."""
     if arch not in TOY_ARCHS:
         raise ValueError(f"unknown toy architecture {arch!r}; supported: {', '.join(TOY_ARCHS)}")
     return parse_config({"model": {"name": f"toy:{arch}"}, **TOY_TRAIN}, source=f"toy_config({arch!r})")
 
-
-TOY_ARCHS = ("gpt2", "llama")
 TOY_TRAIN: dict[str, Any] = {
     "clt": {"n_features": 512, "activation": "jumprelu", "init_threshold": 0.1,
             "bandwidth": 1.0, "init_firing_rate": 0.01},

@@ -1,4 +1,4 @@
-"""Export a CLT to circuit-tracer's on-disk format (DESIGN.md §5).
+"""Export a CLT to circuit-tracer's on-disk format (docs/design.md §5).
 
 Layout of the folder (what `circuit_tracer.transcoder.cross_layer_transcoder.load_clt` reads):
 
@@ -29,12 +29,18 @@ import yaml
 from safetensors.torch import save_file
 from torch import Tensor
 
-from clt_ray.clt import CrossLayerTranscoder
-from clt_ray.config import HOOK_PAIRS, CltRayError
+from clt_ray import layout
+from clt_ray.config import HOOK_PAIRS, Config
+from clt_ray.data import heldout_windows, window_activations
+from clt_ray.errors import CltRayError
 from clt_ray.fsutil import atomic_dir
+from clt_ray.lm import load_model
+from clt_ray.lm.loading import resolve_model_path
+from clt_ray.nn.clt import CrossLayerTranscoder
+from clt_ray.train.checkpoint import CheckpointError, load_checkpoint
 
 MODEL_KIND = "cross_layer_transcoder"
-CONFIG_FILE = "config.yaml"
+CONFIG_FILE = layout.CLT_CONFIG
 EXPORTABLE = ("jumprelu", "relu")
 DASHBOARD_DATA_KEYS = ("corpus", "text_field", "split", "context_size", "heldout_seed")
 
@@ -58,7 +64,7 @@ def _check_hooks(input_hook: str, output_hook: str | None) -> str:
 def default_scan(out_dir: str | os.PathLike[str]) -> str:
     """`./data/features/<folder name>`: circuit-tracer's bundled frontend (index.html at the
     server root) then reads feature dashboards from `features/<folder name>/<index>.json` of its
-    data folder instead of fetching them from the web (DESIGN.md §5)."""
+    data folder instead of fetching them from the web (docs/design.md §5)."""
     return f"./data/features/{Path(out_dir).name}"
 
 
@@ -162,9 +168,6 @@ def export_checkpoint(
     path (what circuit-tracer can load), hub names stay names. A TopK/BatchTopK CLT is converted to
     JumpReLU on the input activations of `calibration_tokens` held-out tokens of its run's corpus
     (default data.heldout_tokens), which needs the LM."""
-    from clt_ray.checkpoint import CheckpointError, load_checkpoint
-    from clt_ray.models.loading import resolve_model_path
-
     loaded = load_checkpoint(checkpoint)
     cfg, clt = loaded.config, loaded.model
     if cfg is None and model_name is None:
@@ -186,11 +189,8 @@ def export_checkpoint(
                       scan, calibration=calibration, dtype=dtype, extra=extra)
 
 
-def _heldout_inputs(cfg: Any, n_tokens: int | None) -> Tensor:
+def _heldout_inputs(cfg: Config, n_tokens: int | None) -> Tensor:
     """Raw CLT inputs [N, L, d] of held-out tokens of a run config's corpus."""
-    from clt_ray.data import heldout_windows, window_activations
-    from clt_ray.models import load_model
-
     model, tokenizer = load_model(cfg.model)
     ids, mask = heldout_windows(tokenizer, cfg.data, n_tokens)
     x, _ = window_activations(model, ids, mask, cfg.model, cfg.data)

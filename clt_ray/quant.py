@@ -1,5 +1,5 @@
 """Quantisation of activation blocks [tokens, layers, d] to int8, int4 (two per byte) and int2
-(four per byte), for the object store and the cache (DESIGN.md §4).
+(four per byte), for the object store and the cache (docs/design.md §4).
 
 Scales are per token-row per layer, so one outlier token cannot coarsen its neighbours; an optional
 per-channel pre-scale (`channel_scales`, estimated once from data and kept in the cache manifest)

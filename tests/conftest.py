@@ -1,6 +1,6 @@
 """Shared fixtures: offline Hugging Face, one lazy local Ray per session, the toy models.
 
-DESIGN.md §7: one Ray instance for the whole session (started only by tests that need it),
+docs/design.md §7: one Ray instance for the whole session (started only by tests that need it),
 fractional CPUs, every test leaves all CPUs free again.
 """
 
@@ -99,7 +99,7 @@ def one_thread():
 def toy_clt():
     """The exported CLT trained with examples/toy.yaml on the toy GPT-2 (trained once, ~2.5 min,
     then reused from the cache dir)."""
-    from clt_ray.toy.clt import build_toy_clt
+    from toy_clt import build_toy_clt
 
     return build_toy_clt("gpt2")
 

@@ -16,7 +16,6 @@ import torch
 
 from clt_ray.attribution import (
     AttributionError,
-    GraphSettings,
     attribute_prompt,
     attribute_prompts,
     intervene,
@@ -24,6 +23,7 @@ from clt_ray.attribution import (
     parse_intervention,
     serve_frontend,
 )
+from clt_ray.config import GraphSettings
 from clt_ray.toy import mechanism_prompts
 
 SETTINGS = GraphSettings(max_feature_nodes=2048)
@@ -195,7 +195,7 @@ def test_frontend_server_serves_our_graph_and_feature_json(toy_clt, tmp_path):
 def test_feature_examples_are_the_replacement_models_own_top_activations(rm, toy_clt, tmp_path):
     """Brute force: the top example of a feature is where its activation peaks over all windows."""
     from clt_ray.attribution import example_windows, read_clt_folder, write_feature_dashboards
-    from clt_ray.dashboards import cantor_pair
+    from clt_ray.layout import cantor_pair
 
     folder = read_clt_folder(toy_clt)
     ids, valid = example_windows(rm, folder, None, 2048)
@@ -219,8 +219,9 @@ def test_feature_examples_are_the_replacement_models_own_top_activations(rm, toy
 def test_both_backends_give_the_same_graph_on_the_toy_llama(toy_llama, tmp_path):
     from transformers import AutoConfig
 
-    from clt_ray.clt import CLTConfig, CrossLayerTranscoder
+    from clt_ray.config import CLTConfig
     from clt_ray.export import export_clt
+    from clt_ray.nn.clt import CrossLayerTranscoder
 
     hf = AutoConfig.from_pretrained(toy_llama.path)
     clt = CrossLayerTranscoder(CLTConfig(n_layers=hf.num_hidden_layers, d_model=hf.hidden_size,
@@ -244,8 +245,9 @@ def test_both_backends_give_the_same_graph_on_the_toy_llama(toy_llama, tmp_path)
 
 
 def test_clt_for_another_model_is_refused_before_loading(toy_gpt2, tmp_path):
-    from clt_ray.clt import CLTConfig, CrossLayerTranscoder
+    from clt_ray.config import CLTConfig
     from clt_ray.export import export_clt
+    from clt_ray.nn.clt import CrossLayerTranscoder
 
     wrong = CrossLayerTranscoder(CLTConfig(n_layers=3, d_model=96, n_features=8))
     folder = export_clt(wrong, tmp_path / "clt", str(toy_gpt2.path))
@@ -260,7 +262,7 @@ def test_clt_for_another_model_is_refused_before_loading(toy_gpt2, tmp_path):
 
 
 def test_unknown_model_offline_is_a_clear_error(toy_clt):
-    from clt_ray.models import ModelNotAvailableError
+    from clt_ray.lm import ModelNotAvailableError
 
     with pytest.raises(ModelNotAvailableError, match="no-such-org/no-such-model.*HF_HUB_OFFLINE"):
         load_replacement_model(toy_clt, "no-such-org/no-such-model")
@@ -331,12 +333,12 @@ def test_cli_bad_input_is_one_line(toy_clt, tmp_path, capsys, monkeypatch):
 
 def test_training_logs_graph_scores_equal_to_attributing_the_exported_checkpoint(toy_gpt2,
                                                                                 tmp_path):
-    from clt_ray.attribution import graph_eval_prompts
-    from clt_ray.checkpoint import load_checkpoint
+    from clt_ray.attribution import graph_eval_prompts, graph_scorer_for
     from clt_ray.config import toy_config
     from clt_ray.export import export_checkpoint
-    from clt_ray.models import load_model
-    from clt_ray.training import train_from_config
+    from clt_ray.lm import load_model
+    from clt_ray.train.checkpoint import load_checkpoint
+    from clt_ray.train.run import train_from_config
 
     raw = toy_config("gpt2").model_dump(mode="json")
     raw["clt"]["n_features"] = 96
@@ -345,7 +347,8 @@ def test_training_logs_graph_scores_equal_to_attributing_the_exported_checkpoint
                         graph_prompts=3, graph_max_feature_nodes=256)
     raw["data"].update(shuffle_buffer=2048, heldout_tokens=512)
     cfg = type(toy_config("gpt2")).model_validate(raw)
-    result = train_from_config(cfg, tmp_path / "run", splice=False, log=lambda m: None)
+    result = train_from_config(cfg, tmp_path / "run", splice=False, log=lambda m: None,
+                               graph_scorer=graph_scorer_for)
     evals = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()
              if json.loads(line)["kind"] == "eval"]
     assert [e["step"] for e in evals] == [4, 8]
@@ -364,7 +367,8 @@ def test_training_logs_graph_scores_equal_to_attributing_the_exported_checkpoint
 
 
 def test_graph_scores_need_an_exportable_activation():
-    from clt_ray.config import ConfigError, toy_config
+    from clt_ray.config import toy_config
+    from clt_ray.errors import ConfigError
 
     raw = toy_config("gpt2").model_dump(mode="json")
     raw["clt"].update(activation="topk", k=8)
@@ -380,8 +384,9 @@ def _clt_silent_at_the_end(lm_dir: Path, prompt: str, tmp_path: Path, silent_eve
     """A random ReLU CLT for `lm_dir` whose encoder biases put every feature of every layer just
     below zero at the prompt's last position (or far below everywhere): a CLT early in training
     can be like that, whatever prompts a build picks."""
-    from clt_ray.clt import CLTConfig, CrossLayerTranscoder
-    from clt_ray.models import extract_activations, load_model
+    from clt_ray.config import CLTConfig
+    from clt_ray.lm import extract_activations, load_model
+    from clt_ray.nn.clt import CrossLayerTranscoder
 
     lm, tokenizer = load_model(str(lm_dir))
     ids = torch.tensor([tokenizer(prompt).input_ids])

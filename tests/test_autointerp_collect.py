@@ -1,4 +1,4 @@
-"""clt_ray.autointerp.collect on the toy model: every statistic equals a brute-force computation
+"""clt_ray.features.collect on the toy model: every statistic equals a brute-force computation
 over all windows at once, with the CLT inputs from the LM or from an activation cache."""
 
 from __future__ import annotations
@@ -7,12 +7,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from clt_ray.autointerp.collect import (
+from clt_ray.config import TopKSettings
+from clt_ray.features.collect import (
     TokenText,
-    TopKSettings,
     collect_features,
+    lm_window_inputs,
     unembedding,
-    window_activations,
     write_features,
 )
 
@@ -29,16 +29,16 @@ def _brute_force_acts(clt, x, ids, valid):
 
 @pytest.fixture(scope="module")
 def toy_run(toy_clt):
-    from clt_ray.checkpoint import load_checkpoint
     from clt_ray.data import heldout_windows
-    from clt_ray.models import keep_mask, load_model
+    from clt_ray.lm import keep_mask, load_model
+    from clt_ray.train.checkpoint import load_checkpoint
 
     loaded = load_checkpoint(toy_clt.parent / "run")
     cfg = loaded.config
     lm, tokenizer = load_model(cfg.model)
     ids, mask = heldout_windows(tokenizer, cfg.data, 2048)
     clt = loaded.model.shard(0, N_FEATURES)
-    x = window_activations(lm, ids, mask, cfg.model.input_hook)
+    x = lm_window_inputs(lm, ids, mask, cfg.model.input_hook)
     valid = keep_mask(ids, mask)
     acts = _brute_force_acts(clt, x, ids, valid)
     rows = collect_features(clt, lm, tokenizer, ids, mask, cfg.model.input_hook, SETTINGS)
@@ -51,8 +51,8 @@ def toy_cache_run(toy_run, toy_clt, tmp_path_factory):
     training corpus (a chunk per file), against brute force over the decoded cache."""
     from clt_ray.autointerp.cache_source import cache_windows, file_inputs, window_inputs
     from clt_ray.cache.produce import write_cache
-    from clt_ray.checkpoint import load_checkpoint
-    from clt_ray.models import keep_mask
+    from clt_ray.lm import keep_mask
+    from clt_ray.train.checkpoint import load_checkpoint
 
     clt, lm, tokenizer, *_ = toy_run
     cfg = load_checkpoint(toy_clt.parent / "run").config
@@ -153,7 +153,7 @@ def test_cache_that_does_not_match_its_recorded_corpus_is_refused(toy_run, toy_c
     from clt_ray.autointerp.cache_source import cache_windows, file_inputs
     from clt_ray.cache.produce import write_cache
     from clt_ray.cache.store import CacheError
-    from clt_ray.checkpoint import load_checkpoint
+    from clt_ray.train.checkpoint import load_checkpoint
 
     _, lm, tokenizer, *_ = toy_run
     cfg = load_checkpoint(toy_clt.parent / "run").config

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pyarrow.parquet as pq
 import pytest
 
-from clt_ray.autointerp.collect import TopKSettings, collect_features
+from clt_ray.config import TopKSettings
+from clt_ray.features.collect import collect_features
 
 SETTINGS = TopKSettings(k=5, range_size=16, chunk_windows=5)
 
@@ -17,9 +18,9 @@ def test_ray_data_job_equals_single_process(source, ray_local, toy_clt, tmp_path
 
     from clt_ray.autointerp.cache_source import cache_windows, window_inputs
     from clt_ray.cache.produce import write_cache
-    from clt_ray.checkpoint import load_checkpoint
     from clt_ray.data import heldout_windows
-    from clt_ray.models import load_model
+    from clt_ray.lm import load_model
+    from clt_ray.train.checkpoint import load_checkpoint
 
     run = toy_clt.parent / "run"
     loaded = load_checkpoint(run)

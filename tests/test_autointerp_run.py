@@ -17,8 +17,8 @@ import pytest
 import yaml
 from llm_server import FakeLLMServer, last_user_message, message_key
 
-from clt_ray.autointerp.config import AutoInterpConfig
 from clt_ray.autointerp.prompts import CLOSE, OPEN
+from clt_ray.config import AutoInterpConfig
 
 FEATURES = (0, 12)
 TOKENS = 2048
@@ -44,7 +44,7 @@ def responder(messages: list[dict]) -> str:
 @pytest.fixture(scope="module")
 def features_file(toy_clt, tmp_path_factory, ray_session):
     """features.parquet of the toy CLT's features [0, 12), made once by the Ray Data job."""
-    from clt_ray.actors.autointerp import run_autointerp
+    from clt_ray.actors.autointerp import run_autointerp_on_ray as run_autointerp
 
     out = tmp_path_factory.mktemp("autointerp-base")
     cfg = config(toy_clt, out, "http://127.0.0.1:9/v1")  # nothing listens there
@@ -79,7 +79,7 @@ def live_features(features_file: Path) -> set[tuple[int, int]]:
 
 def test_every_feature_ends_explained_or_failed_under_faults(ray_local, toy_clt, tmp_path,
                                                              features_file):
-    from clt_ray.actors.autointerp import run_autointerp
+    from clt_ray.actors.autointerp import run_autointerp_on_ray as run_autointerp
 
     out = fresh_out(tmp_path, features_file)
     with FakeLLMServer(responder, rate_429=0.1, rate_500=0.1, rate_timeout=0.03,
@@ -121,7 +121,7 @@ def test_every_feature_ends_explained_or_failed_under_faults(ray_local, toy_clt,
 
 def test_killed_run_resumes_asking_only_for_what_is_missing(ray_local, toy_clt, tmp_path,
                                                              features_file):
-    from clt_ray.actors.autointerp import run_autointerp
+    from clt_ray.actors.autointerp import run_autointerp_on_ray as run_autointerp
 
     from clt_ray.autointerp.llm import ResultCache
     from clt_ray.autointerp.tasks import explanation_requests
@@ -159,7 +159,7 @@ def test_killed_run_resumes_asking_only_for_what_is_missing(ray_local, toy_clt, 
 
 
 def test_budget_cap_stops_sending_and_says_so(ray_local, toy_clt, tmp_path, features_file):
-    from clt_ray.actors.autointerp import run_autointerp
+    from clt_ray.actors.autointerp import run_autointerp_on_ray as run_autointerp
 
     out = fresh_out(tmp_path, features_file)
     with FakeLLMServer(responder, seed=5) as server:
@@ -176,7 +176,7 @@ def test_budget_cap_stops_sending_and_says_so(ray_local, toy_clt, tmp_path, feat
 
 
 def test_cache_source_without_a_cache_is_refused_before_any_work(toy_clt, tmp_path):
-    from clt_ray.actors.autointerp import run_autointerp
+    from clt_ray.actors.autointerp import run_autointerp_on_ray as run_autointerp
 
     cfg = config(toy_clt, tmp_path / "out", "http://127.0.0.1:9/v1")
     missing = cfg.model_copy(update={"topk": cfg.topk.model_copy(

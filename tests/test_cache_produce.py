@@ -12,10 +12,11 @@ import pytest
 
 from clt_ray.cache.produce import write_cache
 from clt_ray.cache.store import CacheError, open_cache
-from clt_ray.config import ConfigError, parse_config
+from clt_ray.config import parse_config
 from clt_ray.data import TokenWindows, make_documents
-from clt_ray.models import load_model
-from clt_ray.training import check_config, train_from_config
+from clt_ray.errors import ConfigError
+from clt_ray.lm import load_model
+from clt_ray.train.run import check_config, train_from_config
 
 
 def config(model_dir: Path, **data):

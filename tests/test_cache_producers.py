@@ -20,7 +20,7 @@ from test_cache_produce import cached_token_ids, config
 
 from clt_ray.cache.store import CacheError, load_manifest, open_cache
 from clt_ray.data import SlicedDocuments, TokenWindows, make_documents
-from clt_ray.models import load_model
+from clt_ray.lm import load_model
 
 pytestmark = pytest.mark.slow
 
@@ -112,7 +112,7 @@ def test_stream_delivers_every_block_once_in_order_within_backpressure(ray_local
     from clt_ray.actors.cache_producer import ProducerBlocks
 
     from clt_ray.cache.produce import window_block
-    from clt_ray.data import _pad_id
+    from clt_ray.data import pad_id
 
     cfg = config(tiny_lm_dir)
     lm, tok = load_model(cfg.model)
@@ -143,7 +143,7 @@ def test_stream_delivers_every_block_once_in_order_within_backpressure(ray_local
         rows = list(itertools.islice(TokenWindows(
             SlicedDocuments(make_documents(cfg.data, False), 0, 2), tok, cfg.data.context_size),
             2 * cfg.data.lm_batch_size, 3 * cfg.data.lm_batch_size))
-        _, x, y = window_block(lm, rows, _pad_id(tok), cfg.model)
+        _, x, y = window_block(lm, rows, pad_id(tok), cfg.model)
         assert (after[0][0] - x).square().sum() / x.square().sum() < 1e-3
         assert (after[0][1] - y).square().sum() / y.square().sum() < 1e-3
 
@@ -158,8 +158,8 @@ def test_stream_delivers_every_block_once_in_order_within_backpressure(ray_local
 def test_train_from_the_producers_stream(ray_local, tiny_lm_dir, tmp_path: Path):
     from clt_ray.actors.cache_producer import ProducerBlocks
 
-    from clt_ray.config import ConfigError
-    from clt_ray.training import train_from_config
+    from clt_ray.errors import ConfigError
+    from clt_ray.train.run import train_from_config
 
     cfg = config(tiny_lm_dir, source="producers", producers=2)
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": 60})})

@@ -11,8 +11,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from clt_ray import checkpoint as ckpt_mod
-from clt_ray.checkpoint import (
+from clt_ray.config import CLTConfig, OptimConfig, parse_config
+from clt_ray.nn.clt import CrossLayerTranscoder
+from clt_ray.nn.step import make_optimizer
+from clt_ray.train import checkpoint as ckpt_mod
+from clt_ray.train.checkpoint import (
     CheckpointError,
     TrainingState,
     checkpoint_path,
@@ -22,9 +25,6 @@ from clt_ray.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from clt_ray.clt import CLTConfig, CrossLayerTranscoder
-from clt_ray.config import parse_config
-from clt_ray.training import OptimConfig, make_optimizer
 
 L, D, F = 3, 8, 10
 
@@ -197,8 +197,8 @@ def test_shards_written_apart_read_like_one_checkpoint(tmp_path: Path):
     """Each shard writes its slice (save_checkpoint_shard) into its own folder, as Ray shard
     workers do before Ray Train merges them: any feature range then loads exactly as from the
     whole checkpoint, spanning shard folders; a missing shard makes the checkpoint incomplete."""
-    from clt_ray.checkpoint import is_complete, load_adam_moments, save_checkpoint_shard
-    from clt_ray.clt import feature_dim
+    from clt_ray.nn.clt import feature_dim
+    from clt_ray.train.checkpoint import is_complete, load_adam_moments, save_checkpoint_shard
 
     model, opt, state = trained()
     save_checkpoint(tmp_path / "whole", model, opt, state)

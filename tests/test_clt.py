@@ -6,10 +6,11 @@ import math
 
 import pytest
 import torch
+from local_group import LocalGroup
 from pydantic import ValidationError
 
-from clt_ray.clt import CLTConfig, CrossLayerTranscoder, estimate_norm_scale, jumprelu
-from clt_ray.training import LocalGroup
+from clt_ray.config import CLTConfig
+from clt_ray.nn.clt import CrossLayerTranscoder, estimate_norm_scale, jumprelu
 
 L, D, F = 3, 8, 12
 DT = torch.float64

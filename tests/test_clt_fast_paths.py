@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clt_ray.clt import CLTConfig, CrossLayerTranscoder, EncoderFn, row_norms
+from clt_ray.config import CLTConfig
+from clt_ray.nn.clt import CrossLayerTranscoder, EncoderFn, row_norms
 
 L, D, F, B = 4, 8, 64, 33
 

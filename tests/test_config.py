@@ -6,15 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from clt_ray.config import (
-    Config,
-    ConfigError,
-    ModelConfig,
-    cache_dir,
-    dump_config,
-    load_config,
-    parse_config,
-)
+from clt_ray.config import Config, ModelConfig, cache_dir, dump_config, load_config, parse_config
+from clt_ray.errors import ConfigError
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -1,4 +1,4 @@
-"""clt_ray.dashboards: circuit-tracer's feature JSON from a feature row of the top-k statistics."""
+"""clt_ray.features.dashboards: circuit-tracer's feature JSON from a feature row of the top-k statistics."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import pytest
 import torch
 from circuit_tracer.frontend.feature_models import Model
 
-from clt_ray.autointerp.topk import bin_edges, value_bins
-from clt_ray.dashboards import cantor_pair, feature_json, histogram_quantiles, linear_histogram
+from clt_ray.features.dashboards import feature_json, histogram_quantiles, linear_histogram
+from clt_ray.features.topk import bin_edges, value_bins
+from clt_ray.layout import cantor_pair
 
 
 def _row(values: torch.Tensor) -> dict:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from clt_ray.config import ConfigError, DataConfig, ModelConfig, parse_config
+from clt_ray.config import DataConfig, ModelConfig, parse_config
 from clt_ray.data import (
     FileDocuments,
     ShuffledSource,
@@ -24,6 +24,7 @@ from clt_ray.data import (
     make_documents,
     window_activations,
 )
+from clt_ray.errors import ConfigError
 from clt_ray.toy.tokenizer import build_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")

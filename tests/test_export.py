@@ -10,8 +10,9 @@ from circuit_tracer.transcoder.activation_functions import JumpReLU
 from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
 
 import clt_ray.export as export_mod
-from clt_ray.clt import CLTConfig, CrossLayerTranscoder
+from clt_ray.config import CLTConfig
 from clt_ray.export import ExportError, export_clt, read_export_config
+from clt_ray.nn.clt import CrossLayerTranscoder
 
 L, D, F = 3, 8, 24
 N = 64
@@ -78,7 +79,7 @@ def test_config_yaml_fields(tmp_path):
     assert cfg["feature_input_hook"] == "mlp.hook_in"
     assert cfg["feature_output_hook"] == "mlp.hook_out"
     assert cfg["model_name"] == "gpt2"
-    assert cfg["scan"] == "./data/features/my-clt"  # offline dashboards (DESIGN.md §5)
+    assert cfg["scan"] == "./data/features/my-clt"  # offline dashboards (docs/design.md §5)
     assert cfg["clt_ray"]["activation"] == "relu" and cfg["clt_ray"]["n_features"] == F
     names = sorted(os.listdir(out))
     assert names == sorted(["config.yaml"] + [f"W_{p}_{l}.safetensors" for p in ("enc", "dec")

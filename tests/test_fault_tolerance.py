@@ -1,4 +1,4 @@
-"""Losing a node mid-run (DESIGN.md §3): a 2-node `ray.cluster_utils.Cluster`, one shard per node;
+"""Losing a node mid-run (docs/design.md §3): a 2-node `ray.cluster_utils.Cluster`, one shard per node;
 the node of one shard is removed after a few checkpoints. The run continues from the last
 registered checkpoint and reaches the configured step count — with 2 shards again when a node
 comes back (then it ends with the uninterrupted run's weights), or resliced to 1 shard when none
@@ -16,8 +16,8 @@ import pytest
 from test_cache_produce import config
 from test_sharded import assert_same_checkpoint
 
-from clt_ray.checkpoint import load_checkpoint
-from clt_ray.training import train_from_config
+from clt_ray.train.checkpoint import load_checkpoint
+from clt_ray.train.run import train_from_config
 
 pytestmark = pytest.mark.slow
 SCENARIO = Path(__file__).with_name("node_loss_scenario.py")

@@ -18,12 +18,12 @@ from clt_ray.autointerp.llm import (
     BUDGET_EXHAUSTED,
     Budget,
     LLMClient,
-    LLMConfig,
     LLMRequest,
     LLMResult,
     ResultCache,
     request_key,
 )
+from clt_ray.config import LLMConfig
 from tests.llm_server import FakeLLMServer, echo, last_user_message, message_key, n_tokens
 
 MODEL = "fake-model"

@@ -8,15 +8,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from clt_ray.losses import (
-    LossConfig,
-    LRSchedule,
-    SparsitySchedule,
-    mse_loss,
-    mse_per_layer,
-    preact_loss,
-    tanh_sparsity,
-)
+from clt_ray.config import LossConfig, LRSchedule, SparsitySchedule
+from clt_ray.nn.losses import mse_loss, mse_per_layer, preact_loss, tanh_sparsity
 
 DT = torch.float64
 

@@ -1,4 +1,4 @@
-"""clt_ray.metrics: EV / nMSE / L0 / dead features against hand computations, and the splice.
+"""clt_ray.eval.metrics: EV / nMSE / L0 / dead features against hand computations, and the splice.
 
 Splice checks on tiny random-weight models built in memory:
 - a GPT-2 whose MLP is linear and whose pre-MLP norm is the identity: a ReLU CLT with features ±x_i
@@ -20,8 +20,8 @@ import torch
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from clt_ray.clt import CLTConfig, CrossLayerTranscoder
-from clt_ray.metrics import (
+from clt_ray.config import CLTConfig
+from clt_ray.eval.metrics import (
     ReconstructionStats,
     dead_features,
     evaluate,
@@ -29,7 +29,8 @@ from clt_ray.metrics import (
     l0_per_layer,
     normalized_mse,
 )
-from clt_ray.models import hook_module, keep_mask
+from clt_ray.lm import hook_module, keep_mask
+from clt_ray.nn.clt import CrossLayerTranscoder
 
 V, D, L, T = 61, 16, 3, 10
 
@@ -321,8 +322,8 @@ def make_run(tmp_path, activation: str = "jumprelu", k: int | None = None):
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    from clt_ray.checkpoint import TrainingState, save_checkpoint
     from clt_ray.config import Config, DataConfig, ModelConfig, TrainConfig
+    from clt_ray.train.checkpoint import TrainingState, save_checkpoint
 
     folder = tmp_path / "model"
     tiny_gpt2().save_pretrained(folder)
@@ -361,7 +362,7 @@ def test_eval_command_on_a_checkpoint(tmp_path):
 
     from clt_ray.cli import cli
     from clt_ray.data import heldout_windows
-    from clt_ray.models import load_model
+    from clt_ray.lm import load_model
 
     path, cfg, clt = make_run(tmp_path)
     runner = CliRunner()

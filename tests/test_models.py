@@ -1,4 +1,4 @@
-"""clt_ray.models: the hook table on every supported architecture, early stopping, TL agreement.
+"""clt_ray.lm: the hook table on every supported architecture, early stopping, TL agreement.
 
 Every model here is a tiny random-weight one built in memory (or saved to tmp_path); nothing is
 downloaded. Norm weights are randomised too, so "norm applied to x" checks are not trivially true.
@@ -14,7 +14,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from clt_ray.config import ModelConfig
-from clt_ray.models import (
+from clt_ray.lm import (
     ARCHITECTURES,
     ModelNotAvailableError,
     UnsupportedArchitectureError,
@@ -222,7 +222,7 @@ def test_load_local_folder_and_model_config(tmp_path: Path) -> None:
 def _assert_matches_tl(name: str) -> None:
     """Our hooks equal TL's blocks.{l}.hook_resid_mid / hook_mlp_out, under circuit-tracer's
     weight processing (no fold_ln / centering: those change TL's hook values)."""
-    from clt_ray.models.tl import load_hooked_transformer
+    from clt_ray.lm.tl import load_hooked_transformer
 
     hf_model, tok = load_model(name)
     tl_model = load_hooked_transformer(name)
@@ -263,7 +263,7 @@ def test_circuit_tracer_replacement_model_from_local(tmp_path: Path) -> None:
     )
     from circuit_tracer.transcoder.cross_layer_transcoder import CrossLayerTranscoder
 
-    from clt_ray.models.tl import load_hooked_transformer
+    from clt_ray.lm.tl import load_hooked_transformer
 
     folder = save_tiny("gpt2", tmp_path / "gpt2")
     hf_model, tok = load_model(folder)
@@ -281,7 +281,7 @@ def test_circuit_tracer_replacement_model_from_local(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("kind", ["gemma2", "gpt_neox_sequential"])
 def test_transformer_lens_refuses_what_it_cannot_build(kind: str) -> None:
-    from clt_ray.models.tl import tl_config_and_state_dict
+    from clt_ray.lm.tl import tl_config_and_state_dict
 
     with pytest.raises(ValueError, match="Gemma|parallel residual"):
         tl_config_and_state_dict(tiny_model(kind))

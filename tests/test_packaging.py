@@ -3,7 +3,6 @@ imports Ray, and the console script runs."""
 
 from __future__ import annotations
 
-import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -29,19 +28,6 @@ def test_every_package_folder_is_listed_in_pyproject() -> None:
         for p in (ROOT / "actors").rglob("__init__.py")
     }
     assert found == listed, f"pyproject packages differ: missing {found - listed}, extra {listed - found}"
-
-
-def test_core_never_imports_ray() -> None:
-    offenders = []
-    for path in (ROOT / "clt_ray").rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = []
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                names = [node.module]
-            offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] == "ray"]
-    assert not offenders, offenders
 
 
 def test_console_script_lists_commands() -> None:

@@ -1,4 +1,4 @@
-"""Feature-sharded training on Ray (DESIGN.md §3): N shards reproduce one process, checkpoints
+"""Feature-sharded training on Ray (docs/design.md §3): N shards reproduce one process, checkpoints
 resume with any shard count, data-parallel replicas average to the doubled batch, bad input fails
 before any actor starts."""
 
@@ -14,9 +14,9 @@ import torch
 import yaml
 from test_cache_produce import config
 
-from clt_ray.checkpoint import load_checkpoint
-from clt_ray.config import ConfigError
-from clt_ray.training import train_from_config
+from clt_ray.errors import ConfigError
+from clt_ray.train.checkpoint import load_checkpoint
+from clt_ray.train.run import train_from_config
 
 
 def assert_same_checkpoint(a_path, b_path, atol=1e-5, threshold_atol=None, counters=True):
@@ -38,7 +38,7 @@ def assert_same_checkpoint(a_path, b_path, atol=1e-5, threshold_atol=None, count
 
 def replica_collectives(group, r: int, replicas: int):
     """In-process stand-in for the replica groups of actors.shard_trainer.make_collectives."""
-    from clt_ray.training import Collectives
+    from clt_ray.nn.step import Collectives
 
     reduce = group.reduce_sum(r)
 
@@ -93,15 +93,11 @@ def test_two_shards_one_shard_and_one_process_agree_and_resume_across_shard_coun
 def test_replicas_average_to_the_doubled_batch():
     """R replicas, each with its share of the batch, averaging gradients = one replica with the
     whole batch (the loss is a mean over tokens), through the same step code."""
-    from clt_ray.clt import CLTConfig, CrossLayerTranscoder
-    from clt_ray.losses import LossConfig
-    from clt_ray.training import (
-        Collectives,
-        LocalGroup,
-        OptimConfig,
-        make_optimizer,
-        train_step,
-    )
+    from local_group import LocalGroup
+
+    from clt_ray.config import CLTConfig, LossConfig, OptimConfig
+    from clt_ray.nn.clt import CrossLayerTranscoder
+    from clt_ray.nn.step import Collectives, make_optimizer, train_step
 
     cfg = CLTConfig(n_layers=3, d_model=8, n_features=16, init_threshold=0.02)
     loss, optim = LossConfig(preact_coef=1e-3), OptimConfig(max_grad_norm=0.5)
@@ -136,11 +132,13 @@ def test_two_replicas_on_ray_read_disjoint_data_and_average(ray_local, tiny_lm_d
     reads documents r, r + 2, … through its own shuffle buffer (seed + r), both start from
     replica 0's init sample, and their gradients are averaged every step."""
     from clt_ray.actors.trainer import train_on_ray
+    from local_group import LocalGroup
 
-    from clt_ray.clt import CrossLayerTranscoder
     from clt_ray.data import ShuffledSource, lm_blocks, take_tokens
-    from clt_ray.models import load_model
-    from clt_ray.training import LocalGroup, Trainer, check_config
+    from clt_ray.lm import load_model
+    from clt_ray.nn.clt import CrossLayerTranscoder
+    from clt_ray.train.loop import Trainer
+    from clt_ray.train.run import check_config
 
     cfg = short(config(tiny_lm_dir), steps=6, every=6)
     run = train_on_ray(cfg, tmp_path / "dp", replicas=2, cpus_per_worker=0.5, splice=False,

@@ -1,28 +1,16 @@
 """The split training step is exact: N feature shards summed through the callbacks give the
-whole CLT's loss, gradients, clipping and Adam updates (DESIGN.md §3)."""
+whole CLT's loss, gradients, clipping and Adam updates (docs/design.md §3)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from local_group import LocalGroup
 
-from clt_ray.clt import CLTConfig, CrossLayerTranscoder
-from clt_ray.losses import (
-    LossConfig,
-    LRSchedule,
-    SparsitySchedule,
-    mse_loss,
-    preact_loss,
-    tanh_sparsity,
-)
-from clt_ray.training import (
-    Collectives,
-    LocalGroup,
-    OptimConfig,
-    compute_grads,
-    make_optimizer,
-    train_step,
-)
+from clt_ray.config import CLTConfig, LossConfig, LRSchedule, OptimConfig, SparsitySchedule
+from clt_ray.nn.clt import CrossLayerTranscoder
+from clt_ray.nn.losses import mse_loss, preact_loss, tanh_sparsity
+from clt_ray.nn.step import Collectives, compute_grads, make_optimizer, train_step
 
 L, D, F, B = 3, 8, 12, 16
 LOSS = LossConfig(sparsity=SparsitySchedule(final=0.5, ramp_frac=0.5), tanh_c=2.0, preact_coef=0.1)

@@ -1,4 +1,4 @@
-"""autointerp.collect.TokenText: joined display strings give back the decoded text, for the toy
+"""features.collect.TokenText: joined display strings give back the decoded text, for the toy
 word-level tokenizer, a byte-level BPE (GPT-2 style) and a SentencePiece-style Metaspace one."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from clt_ray.autointerp.collect import TokenText
+from clt_ray.features.collect import TokenText
 
 TEXTS = ["The cat sat on the mat, and the dog followed the cat.",
          "The people of Ostrel speak Keldric. The capital of Varnia is Tolbek."] * 20

@@ -1,4 +1,4 @@
-"""clt_ray.autointerp.topk: chunked, merged partial states equal a plain per-feature loop."""
+"""clt_ray.features.topk: chunked, merged partial states equal a plain per-feature loop."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from clt_ray.autointerp.topk import (
+from clt_ray.features.topk import (
     EMPTY,
     N_BINS,
     NO_KEY,

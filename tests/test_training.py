@@ -13,12 +13,14 @@ import pytest
 import torch
 import yaml
 
-from clt_ray import training
-from clt_ray.checkpoint import list_checkpoints, load_checkpoint
-from clt_ray.clt import CrossLayerTranscoder
-from clt_ray.config import ConfigError, load_config, parse_config, toy_config
+from clt_ray.config import load_config, parse_config, toy_config
 from clt_ray.data import TensorSource, heldout_windows, lm_source, split_batches, window_activations
-from clt_ray.training import Trainer, check_config, train_from_config
+from clt_ray.errors import ConfigError
+from clt_ray.nn.clt import CrossLayerTranscoder
+from clt_ray.train import loop as training
+from clt_ray.train.checkpoint import list_checkpoints, load_checkpoint
+from clt_ray.train.loop import Trainer
+from clt_ray.train.run import check_config, train_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
 EXE = Path(sys.executable).parent / "clt-ray"
@@ -81,7 +83,7 @@ def test_loop_decreases_loss_and_improves_heldout_ev(tmp_path: Path):
 
 
 def test_tensorboard_is_an_optional_sink(tmp_path: Path, monkeypatch):
-    from clt_ray import training
+    from clt_ray.train import loop as training
 
     scalars = []
 
@@ -170,7 +172,7 @@ def _lm_trainer(cfg, lm, tok, run_dir, *, resume_from=None):
 
 
 def test_resume_is_exact_including_data_position_and_rng(tmp_path: Path, tiny_lm_dir):
-    from clt_ray.models import load_model
+    from clt_ray.lm import load_model
 
     cfg = small_config(model={"name": str(tiny_lm_dir)}, train={"checkpoint_every": 0})
     lm, tok = load_model(cfg.model)
@@ -285,7 +287,7 @@ def test_cli_reports_a_bad_config_in_one_line_without_working(tmp_path: Path, ti
 
 
 def test_example_configs_parse_and_toy_yaml_is_the_demo_config():
-    from clt_ray.autointerp.config import AutoInterpConfig
+    from clt_ray.config import AutoInterpConfig
 
     for path in sorted((ROOT / "examples").glob("*.yaml")):
         if path.name == "autointerp.yaml":
@@ -311,7 +313,7 @@ def test_train_from_config_runs_and_resumes(tmp_path: Path, tiny_lm_dir):
     assert {"explained_variance", "l0", "dead_training", "delta_ce", "kl_spliced"} <= set(
         res.metrics)
     assert json.loads((run / "summary.json").read_text())["step"] == 6
-    from clt_ray.config import CltRayError
+    from clt_ray.errors import CltRayError
 
     with pytest.raises(CltRayError, match="already holds checkpoints"):
         train_from_config(short, run, log=lambda m: None)

@@ -33,9 +33,8 @@ def build_viewer_run(toy_clt: Path, root: Path, graph_features: bool = True) -> 
     """root/run: config.yaml, metrics.jsonl, summary.json, graphs/ and autointerp/."""
     import torch
 
-    from clt_ray.attribution import GraphSettings, attribute_prompts
-    from clt_ray.autointerp.collect import TopKSettings, collect_features, write_features
-    from clt_ray.autointerp.llm import LLMClient, LLMConfig, LLMRequest
+    from clt_ray.attribution import attribute_prompts
+    from clt_ray.autointerp.llm import LLMClient, LLMRequest
     from clt_ray.autointerp.tasks import (
         explanation_requests,
         explanation_rows,
@@ -43,11 +42,13 @@ def build_viewer_run(toy_clt: Path, root: Path, graph_features: bool = True) -> 
         score_rows,
         scoring_requests,
     )
-    from clt_ray.checkpoint import load_checkpoint
+    from clt_ray.config import GraphSettings, LLMConfig, TopKSettings
     from clt_ray.data import heldout_windows
+    from clt_ray.features.collect import collect_features, write_features
     from clt_ray.fsutil import atomic_write_parquet
-    from clt_ray.models import load_model
+    from clt_ray.lm import load_model
     from clt_ray.toy import mechanism_prompts
+    from clt_ray.train.checkpoint import load_checkpoint
 
     source = toy_clt.parent / "run"
     run = root / "run"

@@ -21,8 +21,8 @@ from clt_ray.cache.block import decode_block
 from clt_ray.cache.produce import slice_windows, window_groups
 from clt_ray.cache.store import CacheError, CacheFile, Manifest, open_cache, read_file
 from clt_ray.config import DataConfig
-from clt_ray.data import _pad_id, pad_windows
-from clt_ray.models import keep_mask
+from clt_ray.data import pad_id, pad_windows
+from clt_ray.lm import keep_mask
 
 FILE_NAME = re.compile(r"part-(\d{3})-(\d{6})\.arrows$")
 
@@ -90,7 +90,7 @@ def cache_windows(uri: str, data: DataConfig, tokenizer, tokens: int) -> CacheWi
                              " (was the cache made from another corpus or tokenizer?)")
         rows += got
         first.append(len(rows))
-    ids, mask = pad_windows(rows, _pad_id(tokenizer))
+    ids, mask = pad_windows(rows, pad_id(tokenizer))
     return CacheWindows(uri, m, files, first, ids, mask)
 
 

@@ -28,52 +28,20 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Any
 
-from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from typing_extensions import Self
 
-from clt_ray.config import StrictModel
+from clt_ray.config import LLMConfig
 
 log = logging.getLogger(__name__)
 
 BUDGET_EXHAUSTED = "budget exhausted"
-NO_KEY = "EMPTY"  # what local servers (vLLM, SGLang) accept when no key is configured
 POOL_SIZE = 8  # connections per httpx client (see LLMClient._open_clients)
 PLATFORM_HEADERS = ("X-Stainless-Lang", "X-Stainless-Package-Version", "X-Stainless-OS",
                     "X-Stainless-Arch", "X-Stainless-Runtime", "X-Stainless-Runtime-Version")
 """openai's telemetry headers, left out (`Omit`): each header is re-encoded several times per
 request, and at hundreds of requests/s per process that CPU is the limit."""
-
-
-class LLMConfig(StrictModel):
-    """Which server and model to ask, how hard, and what it may cost."""
-
-    base_url: str = Field("http://127.0.0.1:8000/v1", min_length=1)
-    model: str = Field(min_length=1)
-    api_key_env: str = Field("OPENAI_API_KEY", min_length=1)
-    """Name of the environment variable holding the key (unset: "EMPTY", for local servers)."""
-    concurrency: PositiveInt = 64
-    timeout_s: PositiveFloat = 60.0
-    max_retries: NonNegativeInt = 5
-    max_tokens: PositiveInt = 256
-    temperature: NonNegativeFloat = 0.0
-    prompt_price_per_mtok: NonNegativeFloat = 0.0
-    completion_price_per_mtok: NonNegativeFloat = 0.0
-    """USD per million tokens, for the cost counts and the budget."""
-    budget_usd: NonNegativeFloat | None = None
-    """Stop sending once this much is spent (None: no cap)."""
-    http: Literal["aiohttp", "httpx"] = "aiohttp"
-    """openai's HTTP transport: aiohttp costs less CPU per request (the limit of one process)."""
-
-    def api_key(self) -> str:
-        return os.environ.get(self.api_key_env) or NO_KEY
-
-    def cost_usd(self, prompt_tokens: int, completion_tokens: int) -> float:
-        return (
-            prompt_tokens * self.prompt_price_per_mtok
-            + completion_tokens * self.completion_price_per_mtok
-        ) / 1e6
 
 
 @dataclass

@@ -10,7 +10,7 @@ import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from clt_ray.autointerp.llm import LLMResult
+from clt_ray.autointerp.llm import LLMResult, request_key
 from clt_ray.autointerp.prompts import (
     detection_task,
     explanation_messages,
@@ -35,8 +35,6 @@ def parser(name: str) -> Callable[[str], Any]:
 
 def explanation_requests(rows: Sequence[dict], model: str, n_examples: int = 10) -> list[dict]:
     """One request per feature that fired (a feature never seen active has nothing to explain)."""
-    from clt_ray.autointerp.llm import request_key
-
     out = []
     for r in rows:
         if not r["top_examples"]:
@@ -51,8 +49,6 @@ def explanation_requests(rows: Sequence[dict], model: str, n_examples: int = 10)
 def scoring_requests(rows: Sequence[dict], explanations: dict[tuple[int, int], str],
                      scorers: Sequence[str], model: str, n_each: int = 5) -> list[dict]:
     """One request per (explained feature, scorer) that has examples of both kinds."""
-    from clt_ray.autointerp.llm import request_key
-
     out = []
     for r in rows:
         explanation = explanations.get((r["layer"], r["feature"]))

@@ -1,4 +1,4 @@
-"""Activation blocks and the on-disk cache (DESIGN.md §4): one block encoding for the Ray object
+"""Activation blocks and the on-disk cache (docs/design.md §4): one block encoding for the Ray object
 store and for cache files; the cache is those files plus a JSON manifest on any pyarrow/fsspec
 filesystem."""
 

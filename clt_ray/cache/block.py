@@ -1,4 +1,4 @@
-"""One encoding for an activation block, in the Ray object store and in cache files (DESIGN.md §4).
+"""One encoding for an activation block, in the Ray object store and in cache files (docs/design.md §4).
 
 A block is `T` tokens' MLP-in and MLP-out activations of every layer, quantised (`clt_ray.quant`),
 with their token ids. It is an Arrow IPC stream — one row per token, columns

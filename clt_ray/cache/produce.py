@@ -25,12 +25,12 @@ from clt_ray.config import DataConfig, ModelConfig
 from clt_ray.data import (
     SlicedDocuments,
     TokenWindows,
-    _pad_id,
     make_documents,
-    model_dims,
+    pad_id,
     pad_windows,
     trainable_activations,
 )
+from clt_ray.lm.loading import model_dims
 from clt_ray.quant import channel_scales
 
 Scales = tuple[list[list[float]], list[list[float]]]
@@ -74,7 +74,7 @@ def first_channel_scales(lm: Any, tokenizer: Any, data: DataConfig, model_cfg: M
     rows = list(itertools.islice(slice_windows(data, tokenizer), windows_per_file))
     if not rows:
         raise ValueError("the corpus gave no windows to cache")
-    _, x, y = window_block(lm, rows, _pad_id(tokenizer), model_cfg)
+    _, x, y = window_block(lm, rows, pad_id(tokenizer), model_cfg)
     return channel_scales(x).tolist(), channel_scales(y).tolist()
 
 
@@ -89,7 +89,7 @@ def produce_blocks(lm: Any, tokenizer: Any, data: DataConfig, model_cfg: ModelCo
     after the file that brings the slice to `tokens` trainable tokens (skipped ones included), or
     when the corpus ends (tokens None: only then)."""
     skip = skip or {}
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     x_scale, y_scale = (None, None) if scales is None else (
         torch.tensor(scales[0]), torch.tensor(scales[1]))
     windows = slice_windows(data, tokenizer, slice_index, n_slices, part)

@@ -25,11 +25,13 @@ import pyarrow.fs as pafs
 import torch
 from pydantic import Field
 
+from clt_ray import layout
 from clt_ray.cache.block import BlockError, decode_block, read_block_table
-from clt_ray.config import CltRayError, StrictModel
+from clt_ray.config import StrictModel
 from clt_ray.data import Batch, BlockStream, State
+from clt_ray.errors import CltRayError
 
-MANIFEST = "manifest.json"
+MANIFEST = layout.CACHE_MANIFEST
 
 
 class CacheError(CltRayError):

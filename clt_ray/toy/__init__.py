@@ -1,4 +1,4 @@
-"""The offline toy world (DESIGN.md §7): a synthetic corpus with checkable mechanisms, a word-level
+"""The offline toy world (docs/design.md §7): a synthetic corpus with checkable mechanisms, a word-level
 tokenizer, and small GPT-2 / Llama models trained on it in a couple of minutes on CPU, saved as
 ordinary HF model folders and cached by recipe hash. The demo's default model and the test suite's
 ground truth; nothing here downloads anything.

@@ -4,18 +4,15 @@ The folder is an ordinary HF model folder (config.json, model.safetensors, token
 recipe.json, mechanisms.json (held-out scores) and build.json (weights hash, training time). It is
 written into a temporary sibling and renamed (atomic_dir), under a file lock, so two processes
 building the same recipe at once neither collide nor train twice. The folder name is the hash
-alone: a local path containing "llama" trips a TransformerLens bug (DESIGN.md §5).
+alone: a local path containing "llama" trips a TransformerLens bug (docs/design.md §5).
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from clt_ray.config import cache_dir as default_cache_dir
-from clt_ray.fsutil import atomic_dir, atomic_write_text
+from clt_ray.fsutil import atomic_dir, atomic_write_text, file_lock
 from clt_ray.toy.evaluate import evaluate, failed_thresholds
 from clt_ray.toy.recipe import TOY_VERSION, ToyRecipe, check_arch, default_recipe
 from clt_ray.toy.tokenizer import build_tokenizer
@@ -68,17 +65,6 @@ def weights_hash(folder: str | os.PathLike[str]) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _write_folder(recipe: ToyRecipe, folder: Path, progress: bool) -> None:
@@ -127,7 +113,7 @@ def build_toy_model(arch: str | None = None, recipe: ToyRecipe | None = None,
                       "for hub names; choose another cache dir", stacklevel=2)
     built = False
     if not (folder / DONE_FILE).is_file():
-        with _file_lock(root / f".{folder.name}.lock"):
+        with file_lock(root / f".{folder.name}.lock"):
             if not (folder / DONE_FILE).is_file():  # someone else may have built it meanwhile
                 with atomic_dir(folder) as tmp:
                     _write_folder(recipe, tmp, progress)

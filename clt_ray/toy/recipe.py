@@ -9,12 +9,12 @@ from typing import Literal
 
 from pydantic import model_validator
 
-from clt_ray.config import StrictModel
+from clt_ray.config import TOY_ARCHS, StrictModel
 
 TOY_VERSION = 2
 """Bump when the corpus, tokenizer, training or evaluation code changes what a recipe builds."""
 
-ARCHS = ("gpt2", "llama")
+ARCHS = TOY_ARCHS
 Arch = Literal["gpt2", "llama"]
 
 

@@ -1,7 +1,7 @@
 """The toy tokenizer: word level over the corpus's closed vocabulary, digit pairs isolated.
 
 Built with the `tokenizers` library and wrapped as an ordinary HF fast tokenizer, so
-`AutoTokenizer.from_pretrained(model_dir)` loads it. It avoids the pitfalls of DESIGN.md §5:
+`AutoTokenizer.from_pretrained(model_dir)` loads it. It avoids the pitfalls of docs/design.md §5:
 four special tokens (<pad>=0, <bos>=1, <eos>=2, <unk>=3, so id 0 is not the only special id),
 <bos> prepended by the post-processor, no `token_type_ids`. Years split into a century token and a
 two-digit token ("1732" -> "17", "32") because the pre-tokenizer isolates digit pairs.
@@ -9,10 +9,14 @@ two-digit token ("1732" -> "17", "32") because the pre-tokenizer isolates digit 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-from transformers import PreTrainedTokenizerFast
 
 from clt_ray.toy.corpus import words
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(4)
@@ -25,6 +29,8 @@ def vocabulary() -> list[str]:
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
+    from transformers import PreTrainedTokenizerFast  # slow to import: only when building
+
     vocab = {tok: i for i, tok in enumerate(vocabulary())}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([

@@ -7,26 +7,24 @@ import math
 import random
 import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
-from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedModel,
-    PreTrainedTokenizerFast,
-)
 
 from clt_ray.toy.corpus import document_tokens, drill_tokens, render
 from clt_ray.toy.recipe import ToyRecipe
 from clt_ray.toy.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
 
 def make_model(recipe: ToyRecipe, vocab_size: int) -> PreTrainedModel:
     """A freshly initialised model (seeded by the caller). No dropout: training is short and
     deterministic, and hooks see the same activations in train and eval mode."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
     ids = {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID,
            "initializer_range": recipe.init_std}
     if recipe.arch == "gpt2":

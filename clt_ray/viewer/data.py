@@ -22,7 +22,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from clt_ray.dashboards import cantor_pair
+from clt_ray import layout
+from clt_ray.layout import cantor_pair
 from clt_ray.viewer.paths import RunPaths
 
 LIST_COLUMNS = ["layer", "feature", "fired", "frequency", "max_activation"]
@@ -34,7 +35,6 @@ SORTS = {"feature": None, "density": "frequency", "max_activation": "max_activat
          "fired": "fired"}
 """The feature list's orders: file order (layer, feature), or a column, largest first."""
 MAX_SUMMARY_BYTES = 1 << 20
-SUMMARY_FILE = "summary.json"
 KEY_SHIFT = 32  # (layer, feature) → one int64 key: layer << 32 | feature
 
 
@@ -253,7 +253,7 @@ class RunData:
 
     def summary(self) -> dict[str, Any] | None:
         """summary.json's numbers (the final held-out evaluation), when the run has finished."""
-        path = self.paths.run / SUMMARY_FILE
+        path = self.paths.run / layout.VIEWER_SUMMARY
         if not path.is_file() or path.stat().st_size > MAX_SUMMARY_BYTES:
             return None
         try:

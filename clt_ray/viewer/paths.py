@@ -7,12 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from clt_ray.attribution import METADATA_FILE, SUMMARY_FILE
-
-FEATURES_FILE = "features.parquet"
-EXPLANATIONS_FILE = "explanations.parquet"
-SCORES_FILE = "scores.parquet"
-METRICS_FILE = "metrics.jsonl"
+from clt_ray import layout
 
 
 class BadPath(ValueError):
@@ -63,32 +58,32 @@ class RunPaths:
     def of(cls, run: str | os.PathLike[str], graphs: str | os.PathLike[str] | None = None,
            autointerp: str | os.PathLike[str] | None = None) -> RunPaths:
         run = Path(run).resolve()
-        return cls(run, Path(graphs).resolve() if graphs else run / "graphs",
-                   Path(autointerp).resolve() if autointerp else run / "autointerp")
+        return cls(run, Path(graphs).resolve() if graphs else run / layout.GRAPHS,
+                   Path(autointerp).resolve() if autointerp else run / layout.AUTOINTERP)
 
     @property
     def features(self) -> Path:
-        return self.autointerp / FEATURES_FILE
+        return self.autointerp / layout.TOPK_FEATURES
 
     @property
     def explanations(self) -> Path:
-        return self.autointerp / EXPLANATIONS_FILE
+        return self.autointerp / layout.EXPLANATIONS
 
     @property
     def scores(self) -> Path:
-        return self.autointerp / SCORES_FILE
+        return self.autointerp / layout.SCORES
 
     @property
     def metrics(self) -> Path:
-        return self.run / METRICS_FILE
+        return self.run / layout.METRICS
 
     @property
     def graph_metadata(self) -> Path:
-        return self.graphs / METADATA_FILE
+        return self.graphs / layout.GRAPH_METADATA
 
     @property
     def graph_summary(self) -> Path:
-        return self.graphs / SUMMARY_FILE
+        return self.graphs / layout.GRAPH_SUMMARY
 
     def missing(self, kind: str) -> Missing | None:
         """None when the output `kind` (features, explanations, scores, metrics, graphs) exists."""

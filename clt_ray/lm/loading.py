@@ -7,19 +7,19 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    PretrainedConfig,
-    PreTrainedModel,
-)
-from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from clt_ray.config import CltRayError, ModelConfig
-from clt_ray.models.arch import arch_of
+from clt_ray.config import ModelConfig
+from clt_ray.errors import CltRayError
+from clt_ray.lm.arch import arch_of
+from clt_ray.toy import build_toy_model
+from clt_ray.toy.recipe import check_arch, default_recipe
+
+if TYPE_CHECKING:  # transformers takes seconds to import: loaded when a model is
+    from transformers import PretrainedConfig, PreTrainedModel
+    from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 TOY_PREFIX = "toy:"
 DTYPES: dict[str, torch.dtype] = {
@@ -52,8 +52,6 @@ def resolve_model_path(name: str) -> str:
     Toy models are built (or found in the cache) only here, so importing this module is cheap.
     """
     if name.startswith(TOY_PREFIX):
-        from clt_ray.toy import build_toy_model  # lazy: building may train a model
-
         return str(build_toy_model(name[len(TOY_PREFIX):]).path)
     path = Path(name).expanduser()
     if path.exists():
@@ -66,7 +64,7 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
-def _hub_error(name: str, revision: str | None, exc: Exception) -> ModelNotAvailableError:
+def hub_error(name: str, revision: str | None, exc: Exception) -> ModelNotAvailableError:
     rev = f" at revision {revision!r}" if revision else ""
     why = ("HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set" if _offline() else
            "it could not be downloaded (no network, a wrong name, or gated without a token?)")
@@ -80,20 +78,24 @@ def _hub_error(name: str, revision: str | None, exc: Exception) -> ModelNotAvail
 def model_config(name: str, revision: str | None = None) -> tuple[str, PretrainedConfig]:
     """(local path or hub name, HF config) of a model, without loading weights; a model that is
     not available is a ModelNotAvailableError saying why."""
+    from transformers import AutoConfig
+
     path = resolve_model_path(str(name))
     try:
         return path, AutoConfig.from_pretrained(path, revision=revision)
     except OSError as exc:
-        raise _hub_error(str(name), revision, exc) from exc
+        raise hub_error(str(name), revision, exc) from exc
 
 
 def load_tokenizer(name: str, revision: str | None = None) -> PreTrainedTokenizerBase:
     """A model's tokenizer alone (no weights loaded)."""
+    from transformers import AutoTokenizer
+
     path, _ = model_config(name, revision)
     try:
         return AutoTokenizer.from_pretrained(path, revision=revision)
     except OSError as exc:
-        raise _hub_error(name, revision, exc) from exc
+        raise hub_error(name, revision, exc) from exc
 
 
 def load_model(
@@ -107,6 +109,8 @@ def load_model(
     A ModelConfig supplies name, revision, dtype and device (the other arguments are then ignored).
     The tokenizer is returned as saved (GPT-2's has no pad token; extraction does not need one).
     """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     if isinstance(name_or_path, ModelConfig):
         cfg = name_or_path
         name_or_path, revision, dtype, device = cfg.name, cfg.revision, cfg.dtype, cfg.device
@@ -119,5 +123,33 @@ def load_model(
             path, revision=revision, config=config, dtype=to_dtype(dtype)
         )
     except OSError as exc:
-        raise _hub_error(name, revision, exc) from exc
+        raise hub_error(name, revision, exc) from exc
     return model.to(device).eval(), tokenizer
+
+
+def model_dims(model_cfg: ModelConfig) -> tuple[int, int, int | None]:
+    """(n_layers, d_model, max positions or None) from the model's config file alone (toy models:
+    from their recipe, before they are built) — no weights are loaded, so a config can be checked
+    against the model before any expensive work."""
+    from transformers import AutoConfig
+
+    if model_cfg.name.startswith(TOY_PREFIX):  # from the recipe: no need to build the model yet
+        arch = model_cfg.name[len(TOY_PREFIX):]
+        check_arch(arch)
+        recipe = default_recipe(arch)
+        return recipe.n_layer, recipe.d_model, recipe.n_ctx
+    path = resolve_model_path(model_cfg.name)
+    try:
+        hf = AutoConfig.from_pretrained(path, revision=model_cfg.revision)
+    except OSError as exc:
+        raise hub_error(model_cfg.name, model_cfg.revision, exc) from exc
+    arch_of(hf)
+    return config_dims(hf)
+
+
+def config_dims(hf_config: PretrainedConfig) -> tuple[int, int, int | None]:
+    """(n_layers, d_model, max positions or None) of an HF config (a multimodal one's text part;
+    GPT-2's n_layer/n_embd are aliases of num_hidden_layers/hidden_size)."""
+    hf = getattr(hf_config, "text_config", None) or hf_config
+    return (int(hf.num_hidden_layers), int(hf.hidden_size),
+            getattr(hf, "max_position_embeddings", None))

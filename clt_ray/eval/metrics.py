@@ -1,4 +1,4 @@
-"""Evaluation metrics of a CLT on held-out data (DESIGN.md §2).
+"""Evaluation metrics of a CLT on held-out data (docs/design.md §2).
 
 Definitions (per layer l, over the held-out tokens t; y the target hook, ŷ the CLT's reconstruction,
 both in raw model space; the per-layer normalisation cancels in both ratios):
@@ -17,7 +17,7 @@ output, or Gemma's post-MLP norm; `mlp.hook_out`: the MLP output) is replaced by
 reconstruction, computed from the CLT inputs (input hook) of that same spliced pass: the input at
 layer l already contains the replacement errors of layers < l, so errors compound as they would in
 a replacement model. The *clean* pass is the unmodified model; the *zero-ablation* pass replaces the
-same outputs by 0. Only positions the CLT trains on are replaced (`models.keep_mask`): the first
+same outputs by 0. Only positions the CLT trains on are replaced (`lm.keep_mask`): the first
 real token of every window (BOS) and padding are left unspliced, there and in the zero ablation.
 CE and KL are averaged over next-token predictions made at spliced positions whose next token is
 real (a prediction at BOS depends on BOS alone, so it would be identical in every run):
@@ -41,9 +41,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from clt_ray.clt import CrossLayerTranscoder, _sparse_rows_matmul, batchtopk_mask, topk_mask
 from clt_ray.config import HOOK_PAIRS
-from clt_ray.models import d_model, hook_module, keep_mask, n_layers
+from clt_ray.data import heldout_windows
+from clt_ray.lm import d_model, hook_module, keep_mask, load_model, n_layers
+from clt_ray.nn.clt import CrossLayerTranscoder, batchtopk_mask, sparse_rows_matmul, topk_mask
+from clt_ray.train.checkpoint import CheckpointError, load_checkpoint
 
 SPARSE_DECODE_MAX_DENSITY = 0.05
 """At or below this fraction of active features, splice decoding gathers the active decoder rows
@@ -267,7 +269,7 @@ class _Splice:
         a = _encode_layer(clt, xn, layer)
         W = clt.W_dec[layer].view(clt.n_local, (L - layer) * d)
         if (a != 0).sum() <= SPARSE_DECODE_MAX_DENSITY * a.numel():
-            out = _sparse_rows_matmul(a, W)
+            out = sparse_rows_matmul(a, W)
         else:
             out = a @ W
         self.acc[:, layer:] += out.view(-1, L - layer, d)
@@ -465,10 +467,6 @@ def evaluate_checkpoint(
     tokens to draw (default the config's data.heldout_tokens); batches: at most this many batches
     of batch_size windows (default data.lm_batch_size); device: for the LM and the CLT (default
     the config's model.device). Training dead-feature counters come from the checkpoint."""
-    from clt_ray.checkpoint import CheckpointError, load_checkpoint
-    from clt_ray.data import heldout_windows
-    from clt_ray.models import load_model
-
     loaded = load_checkpoint(path)
     cfg = loaded.config
     if cfg is None:

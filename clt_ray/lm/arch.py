@@ -1,4 +1,4 @@
-"""Where each supported HF architecture keeps its MLP-in / MLP-out activations (DESIGN.md §2).
+"""Where each supported HF architecture keeps its MLP-in / MLP-out activations (docs/design.md §2).
 
 One row per `config.model_type`. Every hook point is "the input or the output of one module of a
 decoder layer", so extraction needs nothing but PyTorch forward (pre-)hooks:
@@ -23,7 +23,8 @@ from typing import Literal
 
 from torch import nn
 
-from clt_ray.config import HOOK_PAIRS, CltRayError
+from clt_ray.config import HOOK_PAIRS
+from clt_ray.errors import CltRayError
 
 Side = Literal["input", "output"]
 HOOK_NAMES: tuple[str, ...] = (*HOOK_PAIRS, *HOOK_PAIRS.values())
@@ -84,7 +85,7 @@ def arch_of(model_or_config: nn.Module | object) -> Arch:
         raise UnsupportedArchitectureError(
             f"architecture {model_type!r} is not supported for activation extraction "
             f"(supported model_type values: {', '.join(ARCHITECTURES)}); add a row to "
-            "clt_ray.models.arch.ARCHITECTURES"
+            "clt_ray.lm.arch.ARCHITECTURES"
         )
     return ARCHITECTURES[model_type]
 

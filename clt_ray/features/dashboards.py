@@ -1,6 +1,6 @@
 """circuit-tracer's feature JSON (`circuit_tracer.frontend.feature_models.Model`, read by its
 frontend from `<scan>/<cantor(layer, feature)>.json`) from a feature row of the top-k statistics
-(`autointerp.collect.FEATURE_SCHEMA`): one implementation of examples, histogram and frequency
+(`features.collect.FEATURE_SCHEMA`): one implementation of examples, histogram and frequency
 for graph dashboards, auto-interp and the viewer.
 """
 
@@ -14,15 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from clt_ray.fsutil import atomic_write_text
+from clt_ray.layout import cantor_pair
 
 HISTOGRAM_BINS = 30
 EXAMPLE_BEFORE, EXAMPLE_AFTER = 24, 8
 """Tokens shown before / after an example's most activating token."""
-
-
-def cantor_pair(layer: int, feature: int) -> int:
-    """The frontend's feature index of (layer, feature) (its `util.cantorUnpair` inverts it)."""
-    return (layer + feature) * (layer + feature + 1) // 2 + feature
 
 
 def _example(e: Mapping) -> dict:

@@ -1,7 +1,7 @@
 """Load a local (or hub) model into TransformerLens, processed the way circuit-tracer expects.
 
 `HookedTransformer.from_pretrained` accepts only TL's official names. Its building blocks accept a
-folder, so we use those (DESIGN.md §5), with three workarounds:
+folder, so we use those (docs/design.md §5), with three workarounds:
 - TL picks branches by substrings of the *path* ("llama" skips loading the HF config and crashes;
   "gemma-2-", "Llama-3.2-1B", ... select hard-coded configs). We hand TL a fresh temporary folder
   with a neutral name that holds only config.json; the weights come from the loaded HF model.
@@ -53,8 +53,8 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from clt_ray.config import ModelConfig
-from clt_ray.models.arch import UnsupportedArchitectureError
-from clt_ray.models.loading import load_model, to_dtype
+from clt_ray.lm.arch import UnsupportedArchitectureError
+from clt_ray.lm.loading import load_model, to_dtype
 
 MAX_DEFAULT_N_CTX = 2048
 CIRCUIT_TRACER_PROCESSING: dict[str, bool] = {
@@ -104,7 +104,7 @@ def tl_config_and_state_dict(
             raise UnsupportedArchitectureError(
                 f"TransformerLens cannot build {hf_config.model_type!r} from a local config "
                 f"({exc}); it knows Gemma models only by official hub name. For local Gemma 2/3 "
-                "folders use circuit-tracer's nnsight backend (DESIGN.md §5)"
+                "folders use circuit-tracer's nnsight backend (docs/design.md §5)"
             ) from exc
         if n_ctx is not None or cfg.n_ctx > MAX_DEFAULT_N_CTX:
             cfg.n_ctx = n_ctx or MAX_DEFAULT_N_CTX

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,8 @@ import pyarrow as pa
 import torch
 from torch import Tensor
 
-from clt_ray.autointerp.topk import (
+from clt_ray.config import TopKSettings
+from clt_ray.features.topk import (
     EMPTY,
     TopKState,
     bin_edges,
@@ -32,6 +32,7 @@ from clt_ray.autointerp.topk import (
     quantile_examples,
 )
 from clt_ray.fsutil import atomic_write_parquet
+from clt_ray.lm import extract_activations, keep_mask
 
 EXAMPLE = pa.struct([("window", pa.int64()), ("position", pa.int32()), ("peak", pa.float32()),
                      ("group", pa.int32()), ("tokens", pa.list_(pa.string())),
@@ -51,29 +52,13 @@ FEATURE_ROW_GROUP = 256
 """Rows per Parquet row group: the viewer's feature page decodes only the group of its row."""
 
 
-@dataclass(frozen=True)
-class TopKSettings:
-    k: int = 20
-    """Top windows per feature."""
-    samples_per_bin: int = 4
-    """Min-hash samples per activation bin (quantile examples come from these)."""
-    quantile_groups: int = 4
-    per_group: int = 5
-    range_size: int = 512
-    """Features per layer encoded together (memory: windows × T × L × range_size floats)."""
-    chunk_windows: int = 32
-    logits: int = 10
-
-
 def feature_ranges(start: int, stop: int, size: int) -> list[tuple[int, int]]:
     """[start, stop) cut into ranges of at most `size` features."""
     return [(s, min(s + size, stop)) for s in range(start, stop, size)]
 
 
-def window_activations(lm: Any, ids: Tensor, mask: Tensor, input_hook: str) -> Tensor:
+def lm_window_inputs(lm: Any, ids: Tensor, mask: Tensor, input_hook: str) -> Tensor:
     """Raw CLT inputs x [W, T, L, d] of windows ids/mask [W, T]."""
-    from clt_ray.models import extract_activations
-
     device = next(lm.parameters()).device
     x, _ = extract_activations(lm, ids.to(device), mask.to(device), input_hook=input_hook)
     return x.float().cpu()
@@ -265,12 +250,10 @@ def collect_features(clt: Any, lm: Any, tokenizer: Any, ids: Tensor, mask: Tenso
     inputs(windows) -> the CLT inputs x [len(windows), T, L, d] (default: the LM's, computed);
     chunks: [first, stop) windows per pass-1 step (default: runs of settings.chunk_windows).
     The cache source (cache_source.py) passes both: x read from blocks, a chunk per file."""
-    from clt_ray.models import keep_mask
-
     s = settings or TopKSettings()
     if inputs is None:
         def inputs(w: Tensor) -> Tensor:
-            return window_activations(lm, ids[w], mask[w], input_hook)
+            return lm_window_inputs(lm, ids[w], mask[w], input_hook)
     if chunks is None:
         chunks = [(c, min(c + s.chunk_windows, len(ids))) for c in range(0, len(ids),
                                                                          s.chunk_windows)]

@@ -1,4 +1,4 @@
-"""Loading HF causal LMs and reading their MLP-in / MLP-out activations (DESIGN.md §2).
+"""Loading HF causal LMs and reading their MLP-in / MLP-out activations (docs/design.md §2).
 
 - `arch`: the per-architecture table of hook points (`ARCHITECTURES`) and layer accessors;
 - `loading`: `load_model` for hub names, local folders, `toy:<arch>` and ModelConfig;
@@ -6,7 +6,7 @@
 - `tl`: `load_hooked_transformer` (imported lazily: TransformerLens is slow to import).
 """
 
-from clt_ray.models.arch import (
+from clt_ray.lm.arch import (
     ARCHITECTURES,
     HOOK_NAMES,
     Arch,
@@ -17,8 +17,8 @@ from clt_ray.models.arch import (
     layer_list,
     n_layers,
 )
-from clt_ray.models.extract import extract_activations, keep_mask
-from clt_ray.models.loading import (
+from clt_ray.lm.extract import extract_activations, keep_mask
+from clt_ray.lm.loading import (
     ModelNotAvailableError,
     load_model,
     model_config,
@@ -47,7 +47,7 @@ __all__ = [
 
 def __getattr__(name: str):  # lazy: `import transformer_lens` takes seconds
     if name == "load_hooked_transformer":
-        from clt_ray.models.tl import load_hooked_transformer
+        from clt_ray.lm.tl import load_hooked_transformer
 
         return load_hooked_transformer
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,8 +13,8 @@ import os
 from pathlib import Path
 
 from clt_ray.config import cache_dir as default_cache_dir
-from clt_ray.fsutil import atomic_dir, atomic_write_text
-from clt_ray.toy.build import _file_lock, build_toy_model
+from clt_ray.fsutil import atomic_dir, atomic_write_text, file_lock
+from clt_ray.toy.build import build_toy_model
 
 DONE_FILE = "done.json"
 
@@ -30,7 +30,7 @@ def build_toy_clt(arch: str = "gpt2", cache_dir: str | os.PathLike[str] | None =
     folder = root / hashlib.sha256(key.encode()).hexdigest()[:16]
     if not (folder / DONE_FILE).is_file():
         root.mkdir(parents=True, exist_ok=True)
-        with _file_lock(root / f".{folder.name}.lock"):
+        with file_lock(root / f".{folder.name}.lock"):
             if not (folder / DONE_FILE).is_file():
                 with atomic_dir(folder) as tmp:
                     _train_and_export(toy_config(arch), tmp, log)
@@ -39,7 +39,7 @@ def build_toy_clt(arch: str = "gpt2", cache_dir: str | os.PathLike[str] | None =
 
 def _train_and_export(cfg, folder: Path, log) -> None:
     from clt_ray.export import export_checkpoint
-    from clt_ray.training import train_from_config
+    from clt_ray.train.run import train_from_config
 
     log(f"training the toy {cfg.model.name} CLT once (examples/toy.yaml settings) in {folder}")
     result = train_from_config(cfg, folder / "run", log=log)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from clt_ray.config import HOOK_PAIRS
-from clt_ray.models.arch import HOOK_NAMES, d_model, hook_module, n_layers
+from clt_ray.lm.arch import HOOK_NAMES, d_model, hook_module, n_layers
 
 
 class _StopForward(Exception):

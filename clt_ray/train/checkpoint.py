@@ -1,4 +1,4 @@
-"""Shard-independent checkpoints (DESIGN.md §3): any feature range of a CLT loads from any of them.
+"""Shard-independent checkpoints (docs/design.md §3): any feature range of a CLT loads from any of them.
 
 Layout of one checkpoint folder (written under a temporary name, fsynced, then renamed):
 
@@ -41,14 +41,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from clt_ray.clt import CLTConfig, CrossLayerTranscoder
-from clt_ray.config import CltRayError, parse_config
+from clt_ray import layout
+from clt_ray.config import CLTConfig, parse_config
+from clt_ray.errors import CltRayError
 from clt_ray.fsutil import atomic_dir
+from clt_ray.nn.clt import CrossLayerTranscoder
 
 FORMAT = "clt-ray-checkpoint"
 VERSION = 1
-MANIFEST = "manifest.json"
-CHECKPOINTS = "checkpoints"
+MANIFEST = layout.CHECKPOINT_MANIFEST
+CHECKPOINTS = layout.CHECKPOINTS
 MOMENTS = ("exp_avg", "exp_avg_sq")
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -198,7 +200,7 @@ def _write_files(root: Path, model: CrossLayerTranscoder, moments: Any, state: T
     root.mkdir(parents=True, exist_ok=True)
     for stem, tensors in files.items():
         _save(root / f"{stem}.safetensors", tensors)
-    _save(root / "norm.safetensors", {"s_in": model.s_in, "s_out": model.s_out})
+    _save(root / layout.CHECKPOINT_NORM, {"s_in": model.s_in, "s_out": model.s_out})
     if moments is not None:
         (root / "optimizer").mkdir()
         for stem in files:
@@ -208,7 +210,7 @@ def _write_files(root: Path, model: CrossLayerTranscoder, moments: Any, state: T
                 merged.update(_per_layer(named, L, f".{m}")[stem])
             _save(root / "optimizer" / f"{stem}.safetensors", merged)
     if extra_state:
-        _save(root / "state.safetensors", extra_state)
+        _save(root / layout.CHECKPOINT_STATE, extra_state)
     return files
 
 
@@ -260,7 +262,7 @@ def save_checkpoint(
 
 
 def shard_dir(index: int) -> str:
-    return f"shard_{index:03d}"
+    return layout.shard_name(index)
 
 
 def save_checkpoint_shard(root: str | os.PathLike[str], model: CrossLayerTranscoder,
@@ -277,7 +279,7 @@ def save_checkpoint_shard(root: str | os.PathLike[str], model: CrossLayerTransco
     adam_step, moments = adam_moments(model, optimizer)
     part = root / shard_dir(index)
     files = _write_files(part, model, moments, state, rng=index == 0)
-    (part / "sizes.json").write_text(json.dumps(_sizes(part)))
+    (part / layout.SHARD_SIZES).write_text(json.dumps(_sizes(part)))
     if index == 0:
         F = model.cfg.n_features
         shapes = {k: [F if i == _row_dim(k) else n for i, n in enumerate(v.shape)]
@@ -296,7 +298,7 @@ def _row_dim(key: str) -> int | None:
 
 
 def checkpoint_path(run_dir: str | os.PathLike[str], step: int) -> Path:
-    return Path(run_dir) / CHECKPOINTS / f"step_{step:09d}"
+    return Path(run_dir) / CHECKPOINTS / layout.checkpoint_name(step)
 
 
 def is_complete(path: Path) -> bool:
@@ -307,7 +309,7 @@ def is_complete(path: Path) -> bool:
         if "shards" in manifest:  # every shard's folder, each with its sizes.json
             sizes = {}
             for i in range(len(manifest["shards"])):
-                part = json.loads((path / shard_dir(i) / "sizes.json").read_text())
+                part = json.loads((path / shard_dir(i) / layout.SHARD_SIZES).read_text())
                 sizes.update({f"{shard_dir(i)}/{name}": n for name, n in part.items()})
         else:
             sizes = manifest.get("sizes") or {f: None for f in manifest.get("files", [])}
@@ -458,19 +460,19 @@ def load_checkpoint(
     with torch.no_grad():
         for name, t in reader.model_layout("", L, jumprelu).items():
             model.get_parameter(name).copy_(t)
-        model.s_in.copy_(reader.get("norm.safetensors", "s_in", rows=False))
-        model.s_out.copy_(reader.get("norm.safetensors", "s_out", rows=False))
+        model.s_in.copy_(reader.get(layout.CHECKPOINT_NORM, "s_in", rows=False))
+        model.s_out.copy_(reader.get(layout.CHECKPOINT_NORM, "s_out", rows=False))
 
     state = TrainingState(step=manifest["step"], total_steps=manifest.get("total_steps"),
                           tokens=manifest.get("tokens", 0), data=manifest.get("data"),
                           extra=manifest.get("extra") or {})
-    if reader.path("state.safetensors").is_file():
-        with safe_open(str(reader.path("state.safetensors")), framework="pt", device="cpu") as f:
+    if reader.path(layout.CHECKPOINT_STATE).is_file():
+        with safe_open(str(reader.path(layout.CHECKPOINT_STATE)), framework="pt", device="cpu") as f:
             keys = set(f.keys())
             state.rng = {k[4:]: f.get_tensor(k) for k in keys if k.startswith("rng.")}
         if "tokens_since_fired_0" in keys:
             state.tokens_since_fired = torch.stack(
-                [reader.get("state.safetensors", f"tokens_since_fired_{l}") for l in range(L)])
+                [reader.get(layout.CHECKPOINT_STATE, f"tokens_since_fired_{l}") for l in range(L)])
     if optimizer:
         if manifest.get("optimizer") is None:
             raise CheckpointError(f"{root}: saved without optimizer state")

@@ -1,6 +1,6 @@
-"""The cross-layer transcoder (DESIGN.md §2), holding a feature range [start, stop) of every layer.
+"""The cross-layer transcoder (docs/design.md §2), holding a feature range [start, stop) of every layer.
 
-One class serves the whole CLT ([0, F)) and a feature shard of it (DESIGN.md §3): a shard's
+One class serves the whole CLT ([0, F)) and a feature shard of it (docs/design.md §3): a shard's
 `decode(..., bias=False)` is its partial reconstruction, and the partials of all shards sum to the
 whole CLT's feature term exactly; b_dec is replicated and added once, after the sum (see
 `training.compute_grads`).
@@ -20,47 +20,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import PositiveFloat, PositiveInt, model_validator
 from torch import Tensor, nn
 
-from clt_ray.config import StrictModel
+from clt_ray.config import CLTConfig
+from clt_ray.seeding import mix_seed
 
-Activation = Literal["jumprelu", "relu", "topk", "batchtopk"]
 Gather = Callable[[Tensor], Tensor]
 INIT_BLOCK = 1024  # features per random block at init: a shard's init is the slice of the whole's
-
-
-class CLTConfig(StrictModel):
-    """Shape and activation of a whole CLT (shards are given their range separately)."""
-
-    n_layers: PositiveInt
-    d_model: PositiveInt
-    n_features: PositiveInt
-    """Features per layer in the whole CLT (F)."""
-    activation: Activation = "jumprelu"
-    k: PositiveInt | None = None
-    """Active features per token per layer: TopK exactly, BatchTopK on average over the batch."""
-    bandwidth: PositiveFloat = 1.0
-    """JumpReLU straight-through bandwidth ε, in normalised units (pre-activations are O(1))."""
-    init_threshold: PositiveFloat = 0.1
-    """Initial JumpReLU θ (every feature)."""
-    seed: int = 0
-
-    @model_validator(mode="after")
-    def _check_k(self) -> CLTConfig:
-        if self.activation in ("topk", "batchtopk"):
-            if self.k is None:
-                raise ValueError(f"activation '{self.activation}' needs k "
-                                 "(active features per token per layer)")
-            if self.k > self.n_features:
-                raise ValueError(f"k={self.k} exceeds n_features={self.n_features}")
-        elif self.k is not None:
-            raise ValueError(f"k is only used by topk/batchtopk, not '{self.activation}'")
-        return self
 
 
 class JumpReLUFn(torch.autograd.Function):
@@ -240,7 +210,7 @@ class CrossLayerTranscoder(nn.Module):
         rows = []
         for b in range(self.start // INIT_BLOCK, (self.stop - 1) // INIT_BLOCK + 1):
             lo, hi = b * INIT_BLOCK, min((b + 1) * INIT_BLOCK, self.cfg.n_features)
-            gen = torch.Generator().manual_seed(_mix_seed(self.cfg.seed, tag, layer, b))
+            gen = torch.Generator().manual_seed(mix_seed(self.cfg.seed, tag, layer, b))
             block = torch.rand((hi - lo, *shape), generator=gen, dtype=torch.float64)
             rows.append(block[max(self.start, lo) - lo : min(self.stop, hi) - lo])
         return ((torch.cat(rows) * 2 - 1) * bound).to(self.b_enc.dtype)
@@ -338,7 +308,7 @@ class CrossLayerTranscoder(nn.Module):
         for l, a_l in enumerate(acts.unbind(1)):  # unbind: one backward, not L zero-filled copies
             W = self.W_dec[l].view(self.n_local, (L - l) * d)
             if sparse:
-                out = _sparse_rows_matmul(a_l, W, None if support is None else support[:, l])
+                out = sparse_rows_matmul(a_l, W, None if support is None else support[:, l])
             else:
                 out = a_l @ W
             y[:, l:] += out.view(B, L - l, d)
@@ -432,20 +402,12 @@ class CrossLayerTranscoder(nn.Module):
         return out
 
 
-def _sparse_rows_matmul(a: Tensor, W: Tensor, support: Tensor | None = None) -> Tensor:
+def sparse_rows_matmul(a: Tensor, W: Tensor, support: Tensor | None = None) -> Tensor:
     """a [B, F] @ W [F, n] touching only W's rows where a is active: out[b] = Σ_f a[b,f]·W[f] over
     the (b, f) in support (default a != 0), as one `embedding_bag` (no [nnz, n] intermediate)."""
     rows, feats = (a.detach() != 0 if support is None else support).nonzero(as_tuple=True)
     offsets = torch.searchsorted(rows, torch.arange(a.shape[0], device=a.device))
     return F.embedding_bag(feats, W, offsets, mode="sum", per_sample_weights=a[rows, feats])
-
-
-def _mix_seed(*parts: int) -> int:
-    """A fixed (Python-version independent) 63-bit seed from integers."""
-    h = 0
-    for p in parts:
-        h = (h * 1_000_003 + p + 0x9E3779B97F4A7C15) % (2**63 - 1)
-    return h
 
 
 def estimate_norm_scale(acts: Tensor) -> Tensor:

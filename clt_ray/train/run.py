@@ -1,0 +1,268 @@
+"""A run from a config — the one run setup of the single process and of Ray's shard workers:
+check (everything checkable before loading weights) -> open the run folder -> build the data ->
+build the trainer (a fresh, seeded, data-initialised CLT, or a checkpoint's feature range) -> fit
+-> finish (the final held-out evaluation of the whole CLT, summary.json). `train_from_config` is
+this in one process; `actors.shard_trainer` / `actors.trainer` run the same pieces on Ray.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from clt_ray import layout
+from clt_ray.cache.store import CacheBlocks, open_cache
+from clt_ray.config import CLTConfig, Config, dump_config
+from clt_ray.data import (
+    Batch,
+    BlockStream,
+    ShuffledSource,
+    heldout_windows,
+    lm_blocks,
+    make_documents,
+    split_batches,
+    window_activations,
+)
+from clt_ray.errors import CltRayError, ConfigError
+from clt_ray.eval import metrics
+from clt_ray.fsutil import atomic_write_text
+from clt_ray.lm import load_model
+from clt_ray.lm.loading import model_dims
+from clt_ray.nn.clt import CrossLayerTranscoder
+from clt_ray.train.checkpoint import (
+    TrainingState,
+    list_checkpoints,
+    read_manifest,
+)
+from clt_ray.train.loop import MetricsFile, Trainer
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+    from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+GraphScorer = Callable[[CrossLayerTranscoder], dict[str, Any]]
+"""Scores of the whole CLT added to each eval (attribution.GraphScorer; the caller builds it, so
+train/ never imports attribution/)."""
+GraphScorerFactory = Callable[[Config, "PreTrainedModel", "PreTrainedTokenizerBase"],
+                              "GraphScorer | None"]
+"""Builds a run's GraphScorer around its loaded LM (attribution.graph_scorer_for)."""
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    step: int
+    metrics: dict[str, Any]  # the final held-out evaluation (metrics.evaluate)
+    seconds: float
+    checkpoint: Path | None
+
+
+# --- check and open ------------------------------------------------------------------------------
+
+
+def check_config(cfg: Config) -> CLTConfig:
+    """Everything about a run config that can be checked without loading weights or data: the
+    CLT against the model's layer count and width (read from the model's config file), the
+    context size against its positions, the device, the corpus. Returns the full CLTConfig."""
+    try:
+        n_layers, d_model, max_pos = model_dims(cfg.model)
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"model.name {cfg.model.name!r}: {exc}") from None
+    clt_cfg = cfg.clt.resolve(n_layers, d_model)
+    if max_pos is not None and cfg.data.context_size > max_pos:
+        raise ConfigError(f"data.context_size {cfg.data.context_size} exceeds the model's "
+                          f"{max_pos} positions")
+    for key, dev in (("model.device", cfg.model.device), ("train.device", cfg.train.device)):
+        if dev is None:
+            continue
+        try:
+            d = torch.device(dev)
+        except RuntimeError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
+        if d.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"{key}: {dev!r}, but CUDA is not available here")
+    make_documents(cfg.data, heldout=False)  # a missing corpus file fails now
+    if cfg.data.source == "cache":
+        manifest = open_cache(cfg.data.cache)[2]
+        manifest.check_matches(model=cfg.model.name, input_hook=cfg.model.input_hook,
+                               output_hook=cfg.model.output_hook, layers=n_layers,
+                               d_model=d_model)
+        if not manifest.files:
+            raise ConfigError(f"data.cache {cfg.data.cache}: the cache holds no files yet")
+    return clt_cfg
+
+
+def prepare_run_dir(run_dir: Path, resume: bool) -> Path | None:
+    """The checkpoint to resume (None for a fresh run); refuses to start over a run's
+    checkpoints, and to resume where there are none."""
+    found = list_checkpoints(run_dir)
+    if resume:
+        if not found:
+            raise CltRayError(f"--resume: {run_dir} has no checkpoint to resume from")
+        return found[-1]
+    if found:
+        raise CltRayError(f"{run_dir} already holds checkpoints (up to {found[-1].name}): pass "
+                          "--resume to continue that run, or choose another --run-dir")
+    return None
+
+
+def open_run(cfg: Config, run_dir: Path, resume: bool) -> tuple[CLTConfig, Path | None]:
+    """Check the config, prepare the run folder (config.yaml) and find the checkpoint to resume
+    (which must hold the CLT the config describes): (the CLT config, the checkpoint or None)."""
+    clt_cfg = check_config(cfg)
+    ckpt = prepare_run_dir(run_dir, resume)
+    if ckpt is not None:
+        saved = CLTConfig.model_validate(read_manifest(ckpt)["clt"])
+        if saved != clt_cfg:
+            raise ConfigError(f"the checkpoint {ckpt} holds a CLT {saved.model_dump()}, but the "
+                              f"config describes {clt_cfg.model_dump()}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, run_dir / layout.RUN_CONFIG)
+    if ckpt is not None:  # what the lost run logged after its checkpoint
+        MetricsFile(run_dir).truncate_after(read_manifest(ckpt)["step"])
+    return clt_cfg, ckpt
+
+# --- the data ------------------------------------------------------------------------------------
+
+
+def training_source(cfg: Config, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *,
+                    part: tuple[int, int] = (0, 1), blocks: BlockStream | None = None
+                    ) -> ShuffledSource:
+    """The training stream of a run config, or data-parallel replica i's part (i, n) of it:
+    `blocks` built by the caller (Ray producers), else the activation cache (every n-th file) or
+    the LM in this process (every n-th document), through the shuffle buffer seeded data.seed + i.
+    The one place the single-process and the sharded trainer build it."""
+    if blocks is None and cfg.data.source == "cache":
+        blocks = CacheBlocks(cfg.data.cache, seed=cfg.data.seed,
+                             shuffle_files=cfg.data.cache_order == "shuffled", part=part)
+    elif blocks is None:
+        blocks = lm_blocks(model, tokenizer, cfg.data, cfg.model, heldout=False, part=part)
+    return ShuffledSource(blocks, cfg.train.batch_size, cfg.data.shuffle_buffer,
+                          seed=cfg.data.seed + part[0])
+
+
+def heldout_set(cfg: Config, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
+                ) -> tuple[Tensor, Tensor, list[Batch]]:
+    """A run's held-out windows (ids, mask) and their activations in train.batch_size batches."""
+    ids, mask = heldout_windows(tokenizer, cfg.data)
+    hx, hy = window_activations(model, ids, mask, cfg.model, cfg.data)
+    return ids, mask, split_batches(hx, hy, cfg.train.batch_size)
+
+
+# --- the trainer ---------------------------------------------------------------------------------
+
+
+def build_trainer(cfg: Config, clt_cfg: CLTConfig, ckpt: str | os.PathLike[str] | None, *,
+                  device: torch.device, heldout: list[Batch],
+                  init_batches: Callable[[], Iterator[Batch]], start: int = 0,
+                  stop: int | None = None, trainer_cls: type[Trainer] = Trainer,
+                  log: Callable[[str], None] | None = None, **trainer_kwargs: Any) -> Trainer:
+    """The trainer of features [start, stop) (default: the whole CLT): the checkpoint's slice
+    when `ckpt` is given, else a fresh CLT seeded by train.seed and initialised from
+    `init_batches()` (norm scales, b_dec, b_enc). The one construction both trainers use;
+    `trainer_kwargs` go to the Trainer (and override the config's sections)."""
+    common: dict[str, Any] = {"loss": cfg.loss, "optim": cfg.optim, "train": cfg.train,
+                              "heldout": heldout, "config": cfg, "log": log,
+                              "total_steps": cfg.train.steps, **trainer_kwargs}
+    if ckpt is not None:
+        trainer = trainer_cls.resume(ckpt, start=start, stop=stop, device=device, **common)
+        trainer.log(f"resuming {ckpt} at step {trainer.step} of {trainer.total_steps}")
+        return trainer
+    torch.manual_seed(cfg.train.seed)
+    trainer = trainer_cls(CrossLayerTranscoder(clt_cfg, start, stop, device=device), **common)
+    trainer.initialize(init_batches(), init_rate=cfg.clt.init_firing_rate,
+                       normalize=cfg.clt.normalize)
+    return trainer
+
+
+# --- a whole run in this process -----------------------------------------------------------------
+
+
+def train_from_config(
+    cfg: Config,
+    run_dir: str | os.PathLike[str],
+    *,
+    resume: bool = False,
+    log: Callable[[str], None] = print,
+    splice: bool = True,
+    blocks: BlockStream | None = None,
+    graph_scorer: GraphScorerFactory | None = None,
+) -> RunResult:
+    """Train the CLT a config describes, in this process, into `run_dir` (config.yaml,
+    metrics.jsonl, checkpoints/, summary.json). resume=True continues the run's latest checkpoint
+    exactly (same floats as an uninterrupted run). Returns the final held-out metrics
+    (metrics.evaluate; splice=True adds the CE/KL of the CLT spliced into the model).
+    `blocks`: the training stream of `data.source: producers`, built by the Ray layer
+    (actors.cache_producer.ProducerBlocks); closed when training ends. `graph_scorer`: builds
+    the graph scores of `train.graph_prompts` (clt_ray.attribution.graph_scorer_for)."""
+    start_time = time.monotonic()
+    run_dir = Path(run_dir)
+    if (cfg.data.source == "producers") != (blocks is not None):
+        raise ConfigError("data.source 'producers' streams from Ray actors: train it with "
+                          "`clt-ray train` (or pass blocks=ProducerBlocks(...)); other sources "
+                          "take no blocks")
+    check_graph_scorer(cfg, graph_scorer)
+    clt_cfg, ckpt = open_run(cfg, run_dir, resume)
+
+    lm, tokenizer = load_model(cfg.model)
+    source = training_source(cfg, lm, tokenizer, blocks=blocks)
+    ids, mask, heldout = heldout_set(cfg, lm, tokenizer)
+    scorer = graph_scorer(cfg, lm, tokenizer) if graph_scorer else None
+    trainer = build_trainer(cfg, clt_cfg, ckpt, device=torch.device(cfg.train.device or
+                                                                     cfg.model.device),
+                            heldout=heldout, init_batches=lambda: source, log=log,
+                            run_dir=run_dir, graph_scorer=scorer)
+    try:
+        trainer.fit(source)
+    finally:
+        source.close()
+    return finish_run(cfg, run_dir, trainer.model, trainer.state, lm=lm, tokenizer=tokenizer,
+                      start_time=start_time, splice=splice, interrupted=trainer.interrupted,
+                      heldout=(ids, mask), graph_scorer=scorer)
+
+
+def check_graph_scorer(cfg: Config, factory: GraphScorerFactory | None) -> None:
+    if cfg.train.graph_prompts and factory is None:
+        raise ConfigError("train.graph_prompts: pass graph_scorer=clt_ray.attribution."
+                          "graph_scorer_for (what `clt-ray train` does) to score graphs")
+
+
+# --- the end of a run ----------------------------------------------------------------------------
+
+
+def finish_run(cfg: Config, run_dir: Path, clt: CrossLayerTranscoder, state: TrainingState, *,
+               lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, start_time: float,
+               splice: bool = True, interrupted: bool = False,
+               heldout: tuple[Tensor, Tensor] | None = None,
+               graph_scorer: GraphScorer | None = None) -> RunResult:
+    """The end of a run (one process or Ray): the final held-out evaluation of the whole CLT
+    (with the splice CE/KL) on `heldout` windows (ids, mask; default: the config's), the graph
+    scores, summary.json, and the RunResult."""
+    ids, mask = heldout if heldout is not None else heldout_windows(tokenizer, cfg.data)
+    lm_device = next(lm.parameters()).device
+    if clt.b_dec.device != lm_device:  # the splice needs the CLT beside the model
+        clt = copy.deepcopy(clt).to(lm_device)
+    final = metrics.evaluate(clt, lm, ids, attention_mask=mask,
+                             input_hook=cfg.model.input_hook, output_hook=cfg.model.output_hook,
+                             batch_size=cfg.data.lm_batch_size, splice=splice,
+                             fired_counters=state.tokens_since_fired,
+                             dead_window=cfg.train.dead_after_tokens)
+    if graph_scorer is not None:
+        final.update(graph_scorer(clt))
+    seconds = time.monotonic() - start_time
+    summary = {"step": state.step, "total_steps": state.total_steps, "tokens": state.tokens,
+               "seconds": round(seconds, 1), "interrupted": interrupted, **final}
+    atomic_write_text(run_dir / layout.VIEWER_SUMMARY, json.dumps(summary, indent=1))
+    found = list_checkpoints(run_dir)
+    return RunResult(run_dir, state.step, final, seconds, found[-1] if found else None)
