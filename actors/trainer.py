@@ -94,6 +94,7 @@ def train_on_ray(cfg: Config, run_dir: str | os.PathLike[str], *, shards: int = 
     start_time = time.monotonic()
     run_dir = Path(run_dir)
     clt_cfg = check_config(cfg)  # everything checkable before any actor starts
+    check_graph_scorer(cfg, graph_scorer)
     if replicas < 1:
         raise ConfigError(f"replicas must be at least 1, got {replicas}")
     check_shards(shards, clt_cfg.n_features)
@@ -113,7 +114,6 @@ def train_on_ray(cfg: Config, run_dir: str | os.PathLike[str], *, shards: int = 
     if cpus_per_worker is None:
         cpus_per_worker = max(1.0, math.floor(resources.get("CPU", 1) / workers)) if not use_gpu \
             else 1.0
-    check_graph_scorer(cfg, graph_scorer)
     _, ckpt = open_run(cfg, run_dir, resume)
     if ckpt is not None:
         log(f"resuming {ckpt} at step {read_manifest(ckpt)['step']} of {cfg.train.steps}")

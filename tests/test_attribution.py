@@ -429,3 +429,16 @@ def test_graphs_of_a_clt_silent_at_the_last_positions(tiny_lm_dir, tmp_path, sil
     scores = GraphScorer(lm, tokenizer, "hook_resid_mid", [prompt], GraphSettings(
         max_feature_nodes=64))(clt)  # the path a training run's evals take
     assert scores["graph_replacement_per_prompt"] == pytest.approx([r.replacement], abs=1e-5)
+
+
+def test_graph_prompts_without_a_scorer_is_refused_before_any_work(tmp_path):
+    from clt_ray.config import toy_config
+    from clt_ray.errors import ConfigError
+    from clt_ray.train.run import train_from_config
+
+    raw = toy_config("gpt2").model_dump(mode="json")
+    raw["train"]["graph_prompts"] = 2
+    cfg = type(toy_config("gpt2")).model_validate(raw)
+    with pytest.raises(ConfigError, match="graph_prompts.*graph_scorer_for"):
+        train_from_config(cfg, tmp_path / "run", log=lambda m: None)
+    assert not (tmp_path / "run").exists()
