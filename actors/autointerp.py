@@ -195,7 +195,7 @@ def collect_on_ray(checkpoint: str | os.PathLike[str], out: str | os.PathLike[st
     table = pa.concat_tables(tables) if tables else FEATURE_SCHEMA.empty_table()
     rows = table.sort_by([("layer", "ascending"), ("feature", "ascending")]).to_pylist()
     return write_features(rows, out, {"checkpoint": str(loaded.path), "windows": len(ids),
-                                      "tokens": int(mask.sum()), "settings": vars(s),
+                                      "tokens": int(mask.sum()), "settings": s.model_dump(),
                                       **(extra or {})})
 
 

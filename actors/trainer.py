@@ -23,7 +23,7 @@ from clt_ray import layout
 from clt_ray.config import Config
 from clt_ray.errors import ConfigError
 from clt_ray.lm import load_model
-from clt_ray.train.checkpoint import load_checkpoint, read_manifest, resolve_checkpoint
+from clt_ray.train.checkpoint import load_checkpoint, resolve_checkpoint
 from clt_ray.train.loop import MetricsFile, progress_postfix
 from clt_ray.train.run import (
     GraphScorerFactory,
@@ -114,9 +114,7 @@ def train_on_ray(cfg: Config, run_dir: str | os.PathLike[str], *, shards: int = 
     if cpus_per_worker is None:
         cpus_per_worker = max(1.0, math.floor(resources.get("CPU", 1) / workers)) if not use_gpu \
             else 1.0
-    _, ckpt = open_run(cfg, run_dir, resume)
-    if ckpt is not None:
-        log(f"resuming {ckpt} at step {read_manifest(ckpt)['step']} of {cfg.train.steps}")
+    open_run(cfg, run_dir, resume, clt_cfg=clt_cfg, log=log)
 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer

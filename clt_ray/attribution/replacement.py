@@ -3,6 +3,7 @@ backend choice, circuit-tracer's CLT with the reconstruction fix, tokenising wit
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -38,6 +39,7 @@ def pick_backend(hf_config: Any, backend: str, input_hook: str) -> str:
     return backend
 
 
+@functools.cache
 def _position_safe_clt_class() -> type:
     """circuit-tracer's CrossLayerTranscoder with its reconstruction sized by the prompt.
 

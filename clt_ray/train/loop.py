@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from clt_ray import layout
 from clt_ray.config import Config, LossConfig, OptimConfig, TrainConfig
-from clt_ray.data import take_tokens
+from clt_ray.data import ActivationSource, take_tokens
 from clt_ray.eval.metrics import ReconstructionStats, dead_features
 from clt_ray.fsutil import atomic_write_text
 from clt_ray.nn.clt import CrossLayerTranscoder
@@ -39,9 +39,6 @@ from clt_ray.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-
-if TYPE_CHECKING:
-    from clt_ray.data import ActivationSource
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 

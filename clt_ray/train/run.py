@@ -49,11 +49,11 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
     from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-GraphScorer = Callable[[CrossLayerTranscoder], dict[str, Any]]
+ScoreGraphs = Callable[[CrossLayerTranscoder], dict[str, Any]]
 """Scores of the whole CLT added to each eval (attribution.GraphScorer; the caller builds it, so
 train/ never imports attribution/)."""
 GraphScorerFactory = Callable[[Config, "PreTrainedModel", "PreTrainedTokenizerBase"],
-                              "GraphScorer | None"]
+                              "ScoreGraphs | None"]
 """Builds a run's GraphScorer around its loaded LM (attribution.graph_scorer_for)."""
 
 
@@ -117,20 +117,25 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> Path | None:
     return None
 
 
-def open_run(cfg: Config, run_dir: Path, resume: bool) -> tuple[CLTConfig, Path | None]:
-    """Check the config, prepare the run folder (config.yaml) and find the checkpoint to resume
-    (which must hold the CLT the config describes): (the CLT config, the checkpoint or None)."""
-    clt_cfg = check_config(cfg)
+def open_run(cfg: Config, run_dir: Path, resume: bool, *, clt_cfg: CLTConfig | None = None,
+             log: Callable[[str], None] = print) -> tuple[CLTConfig, Path | None]:
+    """Check the config (unless `clt_cfg`, its `check_config`, is given), prepare the run folder
+    (config.yaml) and find the checkpoint to resume, which must hold the CLT the config describes;
+    metrics.jsonl is cut back to that checkpoint's step. Returns (the CLT config, the checkpoint
+    or None)."""
+    clt_cfg = clt_cfg or check_config(cfg)
     ckpt = prepare_run_dir(run_dir, resume)
-    if ckpt is not None:
-        saved = CLTConfig.model_validate(read_manifest(ckpt)["clt"])
+    manifest = read_manifest(ckpt) if ckpt is not None else None
+    if manifest is not None:
+        saved = CLTConfig.model_validate(manifest["clt"])
         if saved != clt_cfg:
             raise ConfigError(f"the checkpoint {ckpt} holds a CLT {saved.model_dump()}, but the "
                               f"config describes {clt_cfg.model_dump()}")
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / layout.RUN_CONFIG)
-    if ckpt is not None:  # what the lost run logged after its checkpoint
-        MetricsFile(run_dir).truncate_after(read_manifest(ckpt)["step"])
+    if manifest is not None:  # drop what the lost run logged after its checkpoint
+        MetricsFile(run_dir).truncate_after(manifest["step"])
+        log(f"resuming {ckpt} at step {manifest['step']} of {cfg.train.steps}")
     return clt_cfg, ckpt
 
 # --- the data ------------------------------------------------------------------------------------
@@ -176,9 +181,7 @@ def build_trainer(cfg: Config, clt_cfg: CLTConfig, ckpt: str | os.PathLike[str] 
                               "heldout": heldout, "config": cfg, "log": log,
                               "total_steps": cfg.train.steps, **trainer_kwargs}
     if ckpt is not None:
-        trainer = trainer_cls.resume(ckpt, start=start, stop=stop, device=device, **common)
-        trainer.log(f"resuming {ckpt} at step {trainer.step} of {trainer.total_steps}")
-        return trainer
+        return trainer_cls.resume(ckpt, start=start, stop=stop, device=device, **common)
     torch.manual_seed(cfg.train.seed)
     trainer = trainer_cls(CrossLayerTranscoder(clt_cfg, start, stop, device=device), **common)
     trainer.initialize(init_batches(), init_rate=cfg.clt.init_firing_rate,
@@ -213,7 +216,7 @@ def train_from_config(
                           "`clt-ray train` (or pass blocks=ProducerBlocks(...)); other sources "
                           "take no blocks")
     check_graph_scorer(cfg, graph_scorer)
-    clt_cfg, ckpt = open_run(cfg, run_dir, resume)
+    clt_cfg, ckpt = open_run(cfg, run_dir, resume, log=log)
 
     lm, tokenizer = load_model(cfg.model)
     source = training_source(cfg, lm, tokenizer, blocks=blocks)
@@ -245,7 +248,7 @@ def finish_run(cfg: Config, run_dir: Path, clt: CrossLayerTranscoder, state: Tra
                lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, start_time: float,
                splice: bool = True, interrupted: bool = False,
                heldout: tuple[Tensor, Tensor] | None = None,
-               graph_scorer: GraphScorer | None = None) -> RunResult:
+               graph_scorer: ScoreGraphs | None = None) -> RunResult:
     """The end of a run (one process or Ray): the final held-out evaluation of the whole CLT
     (with the splice CE/KL) on `heldout` windows (ids, mask; default: the config's), the graph
     scores, summary.json, and the RunResult."""
