@@ -14,11 +14,15 @@ CPU (with every CPU held by actors it waits forever).
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import importlib
 import io
 import json
 import os
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +31,8 @@ import pyarrow as pa
 import ray
 import torch
 from clt_ray.actors.ray_session import FORWARDED_ENV, ensure_ray
+from pydantic import SecretStr
+from ray.exceptions import RayError
 from tqdm import tqdm
 from typing_extensions import Self
 
@@ -45,6 +51,7 @@ from clt_ray.autointerp.tasks import (
 from clt_ray.cache.store import open_cache
 from clt_ray.config import AutoInterpConfig, DataConfig, LLMConfig, TopKSettings
 from clt_ray.data import heldout_windows
+from clt_ray.errors import CltRayError
 from clt_ray.features.collect import (
     FEATURE_SCHEMA,
     TokenText,
@@ -160,10 +167,10 @@ def collect_on_ray(checkpoint: str | os.PathLike[str], out: str | os.PathLike[st
     loaded = loaded or load_checkpoint(checkpoint)
     cfg = loaded.config
     if cfg is None:
-        raise ValueError(f"{checkpoint}: saved without its run config (model and corpus)")
+        raise CltRayError(f"{checkpoint}: saved without its run config (model and corpus)")
     if loaded.model.cfg.activation not in ("jumprelu", "relu"):
-        raise ValueError(f"feature statistics need a JumpReLU or ReLU CLT; this one is "
-                         f"{loaded.model.cfg.activation}")
+        raise CltRayError(f"feature statistics need a JumpReLU or ReLU CLT; this one is "
+                          f"{loaded.model.cfg.activation}")
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.revision)
     if cache is None:
         ids, mask = heldout_windows(tokenizer, data or cfg.data, tokens)
@@ -180,23 +187,79 @@ def collect_on_ray(checkpoint: str | os.PathLike[str], out: str | os.PathLike[st
         source, where = ray.put(src), f"{len(src.files)} files of the cache {cache}"
     log(f"top-k statistics of {'all' if features is None else features} features over "
         f"{len(ids)} windows ({tokens:,} tokens) of {where} with {actors} actors")
-    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-    args = (str(Path(checkpoint).resolve()), features, [source], s)
-    pool = {"compute": ray.data.ActorPoolStrategy(size=actors), "num_cpus": cpus_per_actor,
-            "batch_size": 1, "fn_constructor_args": args, "runtime_env": {"env_vars": env}}
-    states = ray.data.from_items([{"first": a, "stop": b} for a, b in chunks]).map_batches(
-        ChunkStates, **pool)
     start, stop = features or (0, loaded.model.cfg.n_features)
     n_ranges = len(feature_ranges(start, stop, s.range_size))
-    merged = states.groupby("start", num_partitions=n_ranges).map_groups(
-        merge_group, batch_format="numpy")
-    tables = list(merged.map_batches(RangeRows, batch_format="numpy", **pool)
-                  .iter_batches(batch_format="pyarrow", batch_size=None))
+    args = (str(Path(checkpoint).resolve()), features, [source], s)
+    with user_errors_unwrapped():
+        tables = topk_tables(args, chunks, n_ranges, actors, cpus_per_actor)
     table = pa.concat_tables(tables) if tables else FEATURE_SCHEMA.empty_table()
     rows = table.sort_by([("layer", "ascending"), ("feature", "ascending")]).to_pylist()
     return write_features(rows, out, {"checkpoint": str(loaded.path), "windows": len(ids),
                                       "tokens": int(mask.sum()), "settings": s.model_dump(),
                                       **(extra or {})})
+
+
+def topk_tables(args: tuple, chunks: list[tuple[int, int]], n_ranges: int, actors: int,
+                cpus_per_actor: float) -> list[pa.Table]:
+    """The Ray Data job of the module's docstring: feature rows. args: the actors' constructor
+    arguments. Its datasets live only in this frame, so that a failed job's actors (which Ray
+    Data frees by refcount) go when its exception's traceback is cleared."""
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    pool = {"compute": ray.data.ActorPoolStrategy(size=actors), "num_cpus": cpus_per_actor,
+            "batch_size": 1, "fn_constructor_args": args, "runtime_env": {"env_vars": env}}
+    states = ray.data.from_items([{"first": a, "stop": b} for a, b in chunks]).map_batches(
+        ChunkStates, **pool)
+    merged = states.groupby("start", num_partitions=n_ranges).map_groups(
+        merge_group, batch_format="numpy")
+    return list(merged.map_batches(RangeRows, batch_format="numpy", **pool)
+                .iter_batches(batch_format="pyarrow", batch_size=None))
+
+
+@contextlib.contextmanager
+def user_errors_unwrapped() -> Iterator[None]:
+    """Re-raise a CltRayError that an actor raised (a damaged cache file) as itself, in one line:
+    Ray delivers it as a RayTaskError whose message is the remote traceback (~100 lines)."""
+    try:
+        yield
+    except Exception as exc:
+        err = remote_user_error(exc)
+        if err is None:
+            raise
+        # The tracebacks' frames hold the failed job's actors, which Ray Data frees by refcount
+        # (and its executor's reference cycles by the collector).
+        chain: BaseException | None = exc
+        while chain is not None:
+            chain.__traceback__ = None
+            chain = chain.__cause__ or chain.__context__
+        gc.collect()
+        raise err from None
+
+
+REMOTE_ERROR = re.compile(r"^(clt_ray(?:\.\w+)+)\.(\w+): (.*)$", re.MULTILINE)
+"""The line of a remote traceback naming the error: "clt_ray.cache.store.CacheError: <message>"."""
+
+
+def remote_user_error(exc: BaseException) -> CltRayError | None:
+    """The CltRayError behind a Ray task's failure, or None. Ray Data wraps a UDF's exception in a
+    UserCodeException whose cause does not survive pickling, so the error is rebuilt from the
+    remote traceback in the RayTaskError's text."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, CltRayError) and not isinstance(cause, RayError):
+            return cause
+        matches = list(REMOTE_ERROR.finditer(str(cause))) if isinstance(cause, RayError) else []
+        if matches:
+            module, name, message = matches[-1].groups()
+            try:
+                cls = getattr(importlib.import_module(module), name, None)
+            except ImportError:
+                cls = None
+            if isinstance(cls, type) and issubclass(cls, CltRayError):
+                err = cls.__new__(cls)
+                Exception.__init__(err, message.strip())
+                return err
+        cause = getattr(cause, "cause", None) or cause.__cause__
+    return None
 
 
 # --- LLM calls on an actor pool ----------------------------------------------------------------
@@ -246,14 +309,16 @@ class SharedBudget(Budget):
 
 class LLMCaller:
     """One async OpenAI client set per actor; batches run one at a time so the actor keeps to its
-    share of llm.concurrency. Results are written to the shared result cache as they finish."""
+    share of llm.concurrency. Results are written to the shared result cache as they finish.
+    api_key: the driver's (a constructor argument travels in Ray's memory; a runtime_env's
+    env_vars would be written to Ray's session logs)."""
 
-    def __init__(self, llm: LLMConfig, cache_dir: str, keeper: list) -> None:
+    def __init__(self, llm: LLMConfig, cache_dir: str, keeper: list, api_key: SecretStr) -> None:
         import asyncio
 
         self.cache = ResultCache(cache_dir)
         self.budget = SharedBudget(llm.budget_usd, keeper[0])
-        self.client = LLMClient(llm, self.cache, self.budget)
+        self.client = LLMClient(llm, self.cache, self.budget, api_key)
         self.lock = asyncio.Lock()
 
     async def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
@@ -281,14 +346,13 @@ def call_on_ray(requests: list[dict], llm: LLMConfig, cache_dir: str, *, actors:
     share = llm.model_copy(update={"concurrency": max(1, -(-llm.concurrency // actors))})
     own_keeper = keeper is None
     keeper = BudgetKeeper.remote() if own_keeper else keeper
-    env = {k: os.environ[k] for k in FORWARDED_ENV + (llm.api_key_env,) if k in os.environ}
     items = [{"key": r["key"], "parser": r["parser"], "messages": json.dumps(r["messages"])}
              for r in requests]
     per_batch = max(4 * share.concurrency, -(-len(items) // (4 * actors)))
     ds = ray.data.from_items(items).map_batches(
-        LLMCaller, fn_constructor_args=(share, cache_dir, [keeper]), batch_size=per_batch,
-        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus_per_actor,
-        runtime_env={"env_vars": env})
+        LLMCaller, fn_constructor_args=(share, cache_dir, [keeper], llm.api_key()),
+        batch_size=per_batch, compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=cpus_per_actor)
     by_key, cost, failed = {}, 0.0, 0
     with tqdm(total=len(requests), desc=desc, unit=unit, disable=not progress) as bar:
         for row in ds.iter_rows():

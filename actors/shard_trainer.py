@@ -32,7 +32,7 @@ from clt_ray.lm import load_model
 from clt_ray.nn.step import Collectives
 from clt_ray.train.checkpoint import (
     checkpoint_path,
-    list_checkpoints,
+    latest_checkpoint,
     read_manifest,
     save_checkpoint_shard,
 )
@@ -241,10 +241,13 @@ def shard_loop(config: dict[str, Any]) -> None:
 
 
 def _checkpoint_to_start_from(run_dir: str, restart: Checkpoint | None) -> str | None:
-    """The newest complete checkpoint: in the run folder (a `--resume`, or one a failed attempt
-    wrote — Ray Train registers checkpoints a poll interval after they land, so its own may lag)
-    or Ray Train's."""
-    found = [str(p) for p in list_checkpoints(run_dir)]
+    """The newest usable checkpoint (every file of its recorded sha256): in the run folder (a
+    `--resume`, or one a failed attempt wrote — Ray Train registers checkpoints a poll interval
+    after they land, so its own may lag) or Ray Train's. Damaged newer ones are said and skipped."""
+    latest, skipped = latest_checkpoint(run_dir, verify=True)
+    for line in skipped:
+        print(line, flush=True)
+    found = [str(latest)] if latest is not None else []
     if restart is not None:
         found.append(restart.to_directory())
     if not found:

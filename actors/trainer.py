@@ -23,7 +23,7 @@ from clt_ray import layout
 from clt_ray.config import Config
 from clt_ray.errors import ConfigError
 from clt_ray.lm import load_model
-from clt_ray.train.checkpoint import load_checkpoint, resolve_checkpoint
+from clt_ray.train.checkpoint import load_checkpoint
 from clt_ray.train.loop import MetricsFile, progress_postfix
 from clt_ray.train.run import (
     GraphScorerFactory,
@@ -104,6 +104,7 @@ def train_on_ray(cfg: Config, run_dir: str | os.PathLike[str], *, shards: int = 
         for n in range(min_shards, shards + 1):
             check_shards(n, clt_cfg.n_features)
     use_gpu = _wants_gpu(cfg)
+    open_run(cfg, run_dir, resume, clt_cfg=clt_cfg, log=log)  # a bad run folder fails before Ray
     ensure_ray(address)
     workers = shards * replicas
     resources = ray.cluster_resources()
@@ -114,7 +115,6 @@ def train_on_ray(cfg: Config, run_dir: str | os.PathLike[str], *, shards: int = 
     if cpus_per_worker is None:
         cpus_per_worker = max(1.0, math.floor(resources.get("CPU", 1) / workers)) if not use_gpu \
             else 1.0
-    open_run(cfg, run_dir, resume, clt_cfg=clt_cfg, log=log)
 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -153,7 +153,7 @@ def train_on_ray(cfg: Config, run_dir: str | os.PathLike[str], *, shards: int = 
     thread.start()
     bar = tqdm(total=cfg.train.steps, desc="train", unit="step", dynamic_ncols=True,
                leave=False, disable=not cfg.train.progress)
-    metrics = MetricsFile(run_dir)
+    metrics = MetricsFile(run_dir, log=log)  # a torn last line is dropped, and said
     try:
         while True:
             alive = thread.is_alive()
@@ -166,8 +166,7 @@ def train_on_ray(cfg: Config, run_dir: str | os.PathLike[str], *, shards: int = 
         ray.kill(progress)
     if "error" in outcome:
         raise outcome["error"]
-    latest = resolve_checkpoint(run_dir)
-    clt, state, _ = load_checkpoint(latest)
+    clt, state, _ = load_checkpoint(run_dir, log=log)  # newest usable; damaged ones said
     lm, tokenizer = load_model(cfg.model)
     return finish_run(cfg, run_dir, clt, state, lm=lm, tokenizer=tokenizer,
                       start_time=start_time, splice=splice,

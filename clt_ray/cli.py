@@ -124,7 +124,8 @@ def _demo_graphs(run_dir: Path, out: Path) -> None:
     from clt_ray.export import export_checkpoint
     from clt_ray.toy import MECHANISMS, mechanism_prompts
 
-    clt = export_checkpoint(run_dir, out / "clt")
+    clt = export_checkpoint(run_dir, out / "clt", force=True,  # replaces only an earlier export
+                            log=lambda m: click.echo(f"warning: {m}", err=True))
     prompts = [p.text for kind in MECHANISMS for p in mechanism_prompts(kind, 2, seed=7)]
     click.echo(f"\nattribution graphs of {len(prompts)} held-out mechanism prompts "
                f"(circuit-tracer)\n  graphs: {out}")
@@ -232,7 +233,7 @@ def train(config_path: Path | None, run_dir: Path | None, steps: int | None,
     from clt_ray.attribution import graph_scorer_for
     from clt_ray.config import load_config
     from clt_ray.errors import ConfigError
-    from clt_ray.train.run import train_from_config
+    from clt_ray.train.run import prepare_run_dir, train_from_config
 
     if config_path is None and not (resume and run_dir is not None):
         raise click.UsageError("--config is required (or --resume with --run-dir)")
@@ -242,6 +243,7 @@ def train(config_path: Path | None, run_dir: Path | None, steps: int | None,
         run_dir = (_newest_run(config_path) if resume else
                    Path("runs") / f"{config_path.stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     if resume:
+        prepare_run_dir(run_dir, resume=True)  # no checkpoint: say so, whatever else is missing
         saved = load_config(run_dir / layout.RUN_CONFIG)
         if cfg is not None:
             a, b = _flat(cfg.model_dump(mode="json")), _flat(saved.model_dump(mode="json"))
@@ -286,11 +288,15 @@ def train(config_path: Path | None, run_dir: Path | None, steps: int | None,
 
 
 def _print_result(cfg, result, run_dir: Path) -> None:
-
+    """The run's end for people; a run stopped by Ctrl-C then exits 130, as scripts expect."""
     click.echo(f"{'stopped' if result.step < cfg.train.steps else 'finished'} at step "
                f"{result.step} of {cfg.train.steps} in {result.seconds:.0f} s; held-out:")
     click.echo(format_metrics(result.metrics, cfg.train.dead_after_tokens))
     click.echo(f"  checkpoint: {result.checkpoint}\n  run dir: {run_dir}")
+    if result.interrupted:
+        click.echo(f"interrupted: continue with `clt-ray train --run-dir {run_dir} --resume`",
+                   err=True)
+        sys.exit(130)
 
 
 @cli.command("cache")
@@ -317,12 +323,14 @@ def cache(config_path: Path, out: str, tokens: int, bits: str, zstd_level: int,
     """Write an activation cache by running the model over the config's corpus: `--producers`
     Ray actors, each on its own slice of the documents. Run it again to resume: finished files are
     kept. Train from it with `data.source: cache`."""
+    from clt_ray.cache.store import check_destination
     from clt_ray.config import load_config
     from clt_ray.train.run import check_config
 
     cfg = load_config(config_path)
     if cfg.cache_dir is not None:
         os.environ["CLT_RAY_CACHE"] = str(cfg.cache_dir)
+    check_destination(out)
     check_config(cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": "lm"})}))
     common = {"tokens": tokens, "bits": int(bits), "zstd_level": zstd_level or None,
               "windows_per_file": windows_per_file, "log": click.echo}
@@ -367,7 +375,8 @@ def eval_command(checkpoint: Path, batches: int | None, tokens: int | None,
     from clt_ray.eval.metrics import evaluate_checkpoint, format_report
 
     result = evaluate_checkpoint(str(checkpoint), batches=batches, tokens=tokens,
-                                 batch_size=batch_size, device=device, splice=not no_splice)
+                                 batch_size=batch_size, device=device, splice=not no_splice,
+                                 log=lambda m: click.echo(f"warning: {m}", err=True))
     click.echo(json.dumps(result, indent=1) if as_json else format_report(result))
 
 
@@ -383,17 +392,25 @@ def eval_command(checkpoint: Path, batches: int | None, tokens: int | None,
               "(default: data.heldout_tokens).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
               show_default=True, help="Dtype of the stored tensors.")
+@click.option("--device", default=None, help="TopK/BatchTopK only: device for the calibration "
+              "pass of the LM (default: the run config's model.device).")
+@click.option("--force", is_flag=True, help="Replace OUT if it holds a previous clt-ray export "
+              "(any other non-empty OUT is refused).")
 def export_command(checkpoint: Path, out: Path, model_name: str | None, scan: str | None,
-                   calibration_tokens: int | None, dtype: str) -> None:
+                   calibration_tokens: int | None, dtype: str, device: str | None,
+                   force: bool) -> None:
     """Write a checkpoint as a circuit-tracer CLT folder (normalisation folded into the weights).
 
     TopK/BatchTopK CLTs are converted to JumpReLU (thresholds set on held-out activations so L0
-    per layer is kept); circuit-tracer loads the folder with load_clt(OUT, dtype=torch.float32)."""
+    per layer is kept); circuit-tracer loads the folder with load_clt(OUT, dtype=torch.float32).
+    OUT must be new or empty (or, with --force, a previous export)."""
     from clt_ray.export import export_checkpoint, read_export_config
     from clt_ray.lm.loading import to_dtype
 
     path = export_checkpoint(checkpoint, out, model_name=model_name, scan=scan,
-                             calibration_tokens=calibration_tokens, dtype=to_dtype(dtype))
+                             calibration_tokens=calibration_tokens, dtype=to_dtype(dtype),
+                             device=device, force=force,
+                             log=lambda m: click.echo(f"warning: {m}", err=True))
     cfg = read_export_config(path)
     click.echo(f"exported {cfg['clt_ray']['activation']} CLT "
                f"({cfg['clt_ray']['n_layers']} layers × {cfg['clt_ray']['n_features']} features) "
@@ -406,7 +423,8 @@ def _exported_clt(clt: Path, out: Path) -> Path:
 
     if (clt / CONFIG_FILE).is_file() and "model_kind" in (clt / CONFIG_FILE).read_text():
         return clt
-    path = export_checkpoint(clt, out / "clt")
+    path = export_checkpoint(clt, out / "clt", force=True,  # replaces only an earlier export
+                             log=lambda m: click.echo(f"warning: {m}", err=True))
     click.echo(f"exported {clt} for circuit-tracer to {path}")
     return path
 
@@ -503,18 +521,24 @@ def intervene_command(clt: Path, prompt: str, settings: tuple[str, ...], target:
 
 @cli.command("serve-graphs")
 @click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", type=click.IntRange(0, 65535), default=8032, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Interface to bind (0.0.0.0 exposes the graphs to the network).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8032, show_default=True,
+              help="0 picks a free port.")
 def serve_graphs(folder: Path, host: str, port: int) -> None:
-    """circuit-tracer's graph viewer over an `attribute` output folder (Ctrl-C stops it)."""
-    from clt_ray.attribution import serve_frontend
+    """circuit-tracer's graph viewer over an `attribute` output folder (Ctrl-C stops it).
+    Served by clt-ray's viewer, not circuit-tracer's own server: only files inside FOLDER, only
+    requests addressed to HOST, offline, read-only."""
+    from clt_ray.viewer import GraphsServer
 
     if not (folder / layout.GRAPH_METADATA).is_file():
         raise CltRayError(f"{folder} has no {layout.GRAPH_METADATA}: make graphs with "
                           "`clt-ray attribute --out FOLDER` first")
-    server = serve_frontend(folder, host, port)
-    bound_host, bound_port = server.httpd.server_address[:2]
-    click.echo(f"graphs of {folder} at http://{bound_host}:{bound_port}/index.html")
+    try:
+        server = GraphsServer(folder, host, port).start()
+    except OSError as exc:
+        raise CltRayError(f"cannot serve on {host}:{port}: {exc.strerror or exc}") from None
+    click.echo(f"graphs of {folder} at {server.url}index.html  (Ctrl-C stops it)")
     _wait_for_interrupt(server.stop)
 
 
@@ -583,7 +607,8 @@ def _wait_for_interrupt(stop) -> None:
 @click.option("--address", default=None,
               help="Ray cluster address (default: a running local Ray, else a new one).")
 @click.option("--topk-only", is_flag=True,
-              help="Only the top-k statistics (features.parquet): no LLM requests.")
+              help="Only the top-k statistics (features.parquet): no LLM requests (the "
+                   "config needs no llm section).")
 def autointerp_command(config_path: Path, out: str | None, address: str | None,
                        topk_only: bool) -> None:
     """Explain and score CLT features with any OpenAI-compatible endpoint: top-k examples by a

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -25,7 +25,10 @@ from pydantic import (
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
+    SecretStr,
     ValidationError,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
 
@@ -43,7 +46,40 @@ OutputHook = Literal["hook_mlp_out", "mlp.hook_out"]
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    """Unknown keys, infinite or NaN floats (`lr: .inf`) and booleans where a number is meant
+    (`steps: true` would be 1 step) are errors, not coerced."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(),
+                              allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_as_number(cls, value: object, info: ValidationInfo) -> object:
+        if isinstance(value, bool) and info.field_name is not None:
+            annotation = cls.model_fields[info.field_name].annotation
+            if not _accepts_bool(annotation):
+                raise ValueError(f"expected {_describe(annotation)}, got a boolean")
+        return value
+
+
+def _accepts_bool(annotation: object) -> bool:
+    """Whether a field's type takes true/false (bool, Any, a Literal of them, a union with one)."""
+    if annotation is bool or annotation is Any or annotation is object:
+        return True
+    if get_origin(annotation) is Literal:
+        return any(isinstance(a, bool) for a in get_args(annotation))
+    return any(_accepts_bool(a) for a in get_args(annotation))
+
+
+def _describe(annotation: object) -> str:
+    names = {int: "an integer", float: "a number", str: "text"}
+    for a in (annotation, *get_args(annotation)):
+        if get_origin(a) is Literal:
+            return "one of " + ", ".join(map(repr, get_args(a)))
+        base = get_args(a)[0] if get_origin(a) is Annotated else a
+        if base in names:
+            return names[base]
+    return "a value of another type"
 
 
 def cache_dir(override: str | os.PathLike[str] | None = None) -> Path:
@@ -398,7 +434,7 @@ class GraphSettings(StrictModel):
 
 
 NO_KEY = "EMPTY"
-"""What local servers (vLLM, SGLang) accept when no key is configured."""
+"""What is sent when no key is set: local servers (vLLM, SGLang) without --api-key accept it."""
 
 
 class LLMConfig(StrictModel):
@@ -407,7 +443,8 @@ class LLMConfig(StrictModel):
     base_url: str = Field("http://127.0.0.1:8000/v1", min_length=1)
     model: str = Field(min_length=1)
     api_key_env: str = Field("OPENAI_API_KEY", min_length=1)
-    """Name of the environment variable holding the key (unset: "EMPTY", for local servers)."""
+    """Name of the environment variable holding the key. Unset: requests carry the placeholder
+    "EMPTY" (no authentication, normal for a local vLLM), and the run says so."""
     concurrency: PositiveInt = 64
     timeout_s: PositiveFloat = 60.0
     max_retries: NonNegativeInt = 5
@@ -421,8 +458,11 @@ class LLMConfig(StrictModel):
     http: Literal["aiohttp", "httpx"] = "aiohttp"
     """openai's HTTP transport: aiohttp costs less CPU per request (the limit of one process)."""
 
-    def api_key(self) -> str:
-        return os.environ.get(self.api_key_env) or NO_KEY
+    def api_key(self) -> SecretStr:
+        """The key in this process's environment (empty when unset). A SecretStr: its repr is
+        redacted, so it can be handed to Ray actors (a constructor argument, never a runtime_env,
+        whose env_vars Ray writes to its logs) without any log or repr showing it."""
+        return SecretStr(os.environ.get(self.api_key_env, ""))
 
     def cost_usd(self, prompt_tokens: int, completion_tokens: int) -> float:
         return (
@@ -441,6 +481,20 @@ class FeatureChoice(StrictModel):
     layers: list[int] | None = None
     """Only these layers (default: all)."""
     graphs: str | None = None
+
+    def problems(self, n_layers: int, n_features: int) -> list[str]:
+        """What does not fit a CLT of n_layers layers × n_features features: one line each,
+        naming the key and what is allowed (the graphs folder is checked where it is read)."""
+        out = []
+        if self.layers is not None and not self.layers:
+            out.append(f"features.layers: empty; give layers from 0 to {n_layers - 1}, or leave "
+                       "the key out for every layer")
+        out += [f"features.layers: {layer} is not a layer of this CLT (0 to {n_layers - 1})"
+                for layer in self.layers or () if not 0 <= layer < n_layers]
+        out += [f"features.ranges: [{a}, {b}) goes past the CLT's {n_features} features per "
+                f"layer (allowed: 0 <= start < stop <= {n_features})"
+                for a, b in self.ranges if b > n_features]
+        return out
 
     @model_validator(mode="after")
     def _one(self) -> FeatureChoice:
@@ -501,7 +555,8 @@ class AutoInterpConfig(StrictModel):
         default_factory=lambda: ["detection", "fuzzing"])
     score_examples: PositiveInt = 5
     """Activating and non-activating (or mis-highlighted) examples per scorer question."""
-    llm: LLMConfig
+    llm: LLMConfig | None = None
+    """The endpoint that explains and scores (needed unless the run is top-k only)."""
     actors: PositiveInt = 2
     """Ray actors for the top-k pass and for the LLM calls (each gets llm.concurrency / actors)."""
     cpus_per_actor: PositiveFloat = Field(0.5, le=64)

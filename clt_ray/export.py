@@ -15,12 +15,17 @@ stores only ReLU and JumpReLU: a TopK/BatchTopK CLT is exported after conversion
 (`CrossLayerTranscoder.to_jumprelu`, one θ per layer calibrated so L0 is kept) from calibration
 activations, or refused. The folder is written under a temporary name and renamed, so a failed
 export never leaves a partial folder (an existing one is replaced only on success).
+
+An export never deletes what is not its own (`check_destination`): the destination must be new,
+an empty folder, or — with force — a previous clt-ray export (config.yaml and W_enc/W_dec files
+only); never the current folder, the checkpoint exported, nor a folder containing it.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -35,14 +40,15 @@ from clt_ray.data import heldout_windows, window_activations
 from clt_ray.errors import CltRayError
 from clt_ray.fsutil import atomic_dir
 from clt_ray.lm import load_model
-from clt_ray.lm.loading import resolve_model_path
+from clt_ray.lm.loading import check_device, resolve_model_path
 from clt_ray.nn.clt import CrossLayerTranscoder
-from clt_ray.train.checkpoint import CheckpointError, load_checkpoint
+from clt_ray.train.checkpoint import CheckpointError, Log, load_checkpoint, resolve_checkpoint
 
 MODEL_KIND = "cross_layer_transcoder"
 CONFIG_FILE = layout.CLT_CONFIG
 EXPORTABLE = ("jumprelu", "relu")
 DASHBOARD_DATA_KEYS = ("corpus", "text_field", "split", "context_size", "heldout_seed")
+_WEIGHT_FILE = re.compile(r"^W_(enc|dec)_\d+\.safetensors$")
 
 
 class ExportError(CltRayError, ValueError):
@@ -59,6 +65,52 @@ def _check_hooks(input_hook: str, output_hook: str | None) -> str:
         raise ExportError(f"hooks {input_hook} -> {output_hook} are not a supported pair "
                           f"(expected {input_hook} -> {expected})")
     return output_hook
+
+
+def is_export(folder: str | os.PathLike[str]) -> bool:
+    """Whether `folder` holds a clt-ray export and nothing else: config.yaml naming a
+    cross-layer transcoder with its `clt_ray` block, and W_enc_*/W_dec_* weight files."""
+    folder = Path(folder)
+    try:
+        names = os.listdir(folder)
+        config = yaml.safe_load((folder / CONFIG_FILE).read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return (isinstance(config, dict) and config.get("model_kind") == MODEL_KIND
+            and isinstance(config.get("clt_ray"), dict)
+            and all(n == CONFIG_FILE or _WEIGHT_FILE.match(n) for n in names))
+
+
+def check_destination(out_dir: str | os.PathLike[str], *, force: bool = False,
+                      source: str | os.PathLike[str] | None = None) -> None:
+    """ExportError unless writing an export to out_dir loses nothing: out_dir is new, an empty
+    folder, or (force=True) a previous export; never the current folder or one containing it,
+    nor `source` (the checkpoint exported), a folder containing it or one inside it."""
+    out = Path(out_dir).resolve()
+    if source is not None:
+        src = Path(source).resolve()
+        if out == src or out in src.parents:
+            raise ExportError(f"{out_dir} holds the checkpoint {source} being exported: export "
+                              "into a new folder")
+        if src in out.parents:
+            raise ExportError(f"{out_dir} is inside the checkpoint {source} being exported: "
+                              "export into a new folder outside it")
+    if out == Path.cwd().resolve() or out in Path.cwd().resolve().parents:
+        raise ExportError(f"{out_dir} is the current folder or contains it: export into a new "
+                          "folder (e.g. ./clt)")
+    if not os.path.lexists(out_dir):
+        return
+    if not out.is_dir():
+        raise ExportError(f"{out_dir} exists and is not a folder")
+    entries = sorted(os.listdir(out))
+    if not entries:
+        return
+    if not is_export(out):
+        listed = ", ".join(entries[:3]) + (", …" if len(entries) > 3 else "")
+        raise ExportError(f"{out_dir} is not empty ({listed}) and is not a previous clt-ray "
+                          "export: nothing written; export into a new or empty folder")
+    if not force:
+        raise ExportError(f"{out_dir} already holds a clt-ray export: pass --force to replace it")
 
 
 def default_scan(out_dir: str | os.PathLike[str]) -> str:
@@ -88,6 +140,7 @@ def export_clt(
     calibration: Tensor | None = None,
     dtype: torch.dtype = torch.float32,
     extra: dict[str, Any] | None = None,
+    force: bool = False,
 ) -> Path:
     """Write `model` (the whole CLT) as a circuit-tracer CLT folder at out_dir; returns the path.
 
@@ -95,8 +148,10 @@ def export_clt(
     output_hook defaults to the partner of input_hook. scan defaults to `default_scan(out_dir)`.
     TopK/BatchTopK CLTs need `calibration` (raw input activations [N, L, d], e.g. held-out) to be
     converted to JumpReLU; without it they are refused. dtype: of the stored tensors.
-    extra: JSON-able notes added to config.yaml's `clt_ray` block.
+    extra: JSON-able notes added to config.yaml's `clt_ray` block. out_dir must be new or empty,
+    or with force=True a previous export, which is then replaced (`check_destination`).
     """
+    check_destination(out_dir, force=force)
     output_hook = _check_hooks(input_hook, output_hook)
     if not model.is_whole:
         raise ExportError(f"export needs the whole CLT, got the feature shard "
@@ -161,14 +216,26 @@ def export_checkpoint(
     scan: str | None = None,
     calibration_tokens: int | None = None,
     dtype: torch.dtype = torch.float32,
+    device: str | None = None,
+    force: bool = False,
+    log: Log | None = None,
 ) -> Path:
-    """Export a checkpoint (or a run folder's latest) with the hooks and model of its run config.
+    """Export a checkpoint (or a run folder's latest usable one) with the hooks and model of its
+    run config.
 
     model_name defaults to the config's model: toy models and local folders become their absolute
     path (what circuit-tracer can load), hub names stay names. A TopK/BatchTopK CLT is converted to
     JumpReLU on the input activations of `calibration_tokens` held-out tokens of its run's corpus
-    (default data.heldout_tokens), which needs the LM."""
-    loaded = load_checkpoint(checkpoint)
+    (default data.heldout_tokens), which needs the LM, run on `device` (default: the config's
+    model.device). out_dir: as in `export_clt` (force), and never the checkpoint, a folder holding
+    it or one inside it. log: where lines about skipped damaged checkpoints go."""
+    if device is not None:
+        check_device(device)
+    source = resolve_checkpoint(checkpoint, log=lambda _: None)  # load_checkpoint says skips
+    check_destination(out_dir, force=force, source=source)  # before anything is loaded
+    loaded = load_checkpoint(checkpoint, log=log)
+    if loaded.path != source:  # an older one: the newest failed its sha256 check
+        check_destination(out_dir, force=force, source=loaded.path)
     cfg, clt = loaded.config, loaded.model
     if cfg is None and model_name is None:
         raise CheckpointError(f"{loaded.path}: saved without its run config; pass the model name")
@@ -181,17 +248,19 @@ def export_checkpoint(
         if cfg is None:
             raise ExportError(f"{clt.cfg.activation} CLTs are converted to JumpReLU on held-out "
                               "activations, but this checkpoint has no run config naming them")
-        calibration = _heldout_inputs(cfg, calibration_tokens)
+        calibration = _heldout_inputs(cfg, calibration_tokens, device)
     extra = {"checkpoint": str(loaded.path), "step": loaded.state.step}
     if cfg is not None:  # where feature examples for dashboards come from (attribution)
         extra["data"] = cfg.data.model_dump(mode="json", include=set(DASHBOARD_DATA_KEYS))
     return export_clt(clt, out_dir, model_name, input_hook, cfg.model.output_hook if cfg else None,
-                      scan, calibration=calibration, dtype=dtype, extra=extra)
+                      scan, calibration=calibration, dtype=dtype, extra=extra, force=force)
 
 
-def _heldout_inputs(cfg: Config, n_tokens: int | None) -> Tensor:
+def _heldout_inputs(cfg: Config, n_tokens: int | None, device: str | None = None) -> Tensor:
     """Raw CLT inputs [N, L, d] of held-out tokens of a run config's corpus."""
-    model, tokenizer = load_model(cfg.model)
+    model_cfg = cfg.model.model_copy(update={"device": device}) if device else cfg.model
+    check_device(model_cfg.device)
+    model, tokenizer = load_model(model_cfg)
     ids, mask = heldout_windows(tokenizer, cfg.data, n_tokens)
-    x, _ = window_activations(model, ids, mask, cfg.model, cfg.data)
+    x, _ = window_activations(model, ids, mask, model_cfg, cfg.data)
     return x.float().cpu()

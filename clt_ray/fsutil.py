@@ -47,22 +47,42 @@ def atomic_write_parquet(rows: list[dict], path: str | os.PathLike[str], schema=
 def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary sibling folder to fill; it becomes `path` only if the block succeeds.
 
-    An existing `path` is replaced (the old one is removed after the new one is in place)."""
-    path = Path(path)
+    An existing `path` is replaced (the old one is removed after the new one is in place). On any
+    failure — in the block or in the renames — the temporary folder is removed and `path` is
+    left as it was. Callers decide whether replacing `path` is safe (export refuses folders that
+    are not its own)."""
+    path = Path(os.path.abspath(path))  # "." or "x/..": a real name and parent to rename within
+    if path.parent == path:
+        raise ValueError(f"atomic_dir: {path} has no parent folder to write next to")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    old = None
     try:
         yield tmp
+        if os.path.lexists(path):
+            old = tmp.with_suffix(".old")  # unique, as tmp is
+            os.replace(path, old)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if old is not None:
+                os.replace(old, path)
+                old = None
+            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = None
-    if path.exists():
-        old = path.with_name(f".{path.name}.old.{os.getpid()}")
-        os.replace(path, old)
-    os.replace(tmp, path)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, link or folder tree, whatever is there."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 @contextlib.contextmanager

@@ -65,7 +65,8 @@ class LogEntry:
 
 
 class FakeLLMServer:
-    """POST /v1/chat/completions on 127.0.0.1:<free port>, served from a background thread."""
+    """POST /v1/chat/completions and GET /v1/models (listing `models`) on 127.0.0.1:<free port>,
+    served from a background thread. require_key: answer 401 to any other Authorization."""
 
     def __init__(
         self,
@@ -79,8 +80,14 @@ class FakeLLMServer:
         hang_s: float = 5.0,
         retry_after_ms: int = 1,
         seed: int = 0,
+        models: tuple[str, ...] = ("fake",),
+        require_key: str | None = None,
     ) -> None:
         self.responder = responder
+        self.models = models
+        self.require_key = require_key
+        self.models_listed: list[str | None] = []
+        """The Authorization header of each GET /v1/models (not in `log`: not a chat request)."""
         self.latency_s = latency_s
         self.rates = {"429": rate_429, "500": rate_500, "timeout": rate_timeout}
         self.rate_malformed = rate_malformed
@@ -113,6 +120,7 @@ class FakeLLMServer:
         async def serve() -> None:
             app = web.Application()
             app.router.add_post("/v1/chat/completions", self._handle)
+            app.router.add_get("/v1/models", self._list_models)
             self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
             await self._runner.setup()
             site = web.TCPSite(self._runner, "127.0.0.1", 0, backlog=1024)
@@ -184,7 +192,24 @@ class FakeLLMServer:
         if seconds > 0 and not self._stopping.is_set():
             await asyncio.sleep(seconds)
 
+    def _refused(self, req: web.Request) -> web.Response | None:
+        if self.require_key is None or req.headers.get("authorization") == \
+                f"Bearer {self.require_key}":
+            return None
+        error = {"message": "Incorrect API key provided", "type": "invalid_request_error",
+                 "code": "invalid_api_key"}
+        return web.json_response({"error": error}, status=401)
+
+    async def _list_models(self, req: web.Request) -> web.StreamResponse:
+        with self._lock:
+            self.models_listed.append(req.headers.get("authorization"))
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": "fake"}
+                for m in self.models]
+        return self._refused(req) or web.json_response({"object": "list", "data": data})
+
     async def _handle(self, req: web.Request) -> web.StreamResponse:
+        if (refused := self._refused(req)) is not None:
+            return refused
         request = await req.json()
         messages = request.get("messages", [])
         key = message_key(messages)

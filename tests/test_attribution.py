@@ -21,10 +21,10 @@ from clt_ray.attribution import (
     intervene,
     load_replacement_model,
     parse_intervention,
-    serve_frontend,
 )
 from clt_ray.config import GraphSettings
 from clt_ray.toy import mechanism_prompts
+from clt_ray.viewer import GraphsServer
 
 SETTINGS = GraphSettings(max_feature_nodes=2048)
 SEED = 7  # held-out prompts (the toy model's own evaluation uses seed 1000)
@@ -149,11 +149,9 @@ def test_frontend_server_serves_our_graph_and_feature_json(toy_clt, tmp_path):
                              example_tokens=4096)
     table = pq.read_table(tmp_path / "graphs.parquet").to_pylist()
     assert [r["prompt"] for r in table] == prompts and table == rows
-    server = serve_frontend(tmp_path, port=0)
-    try:
-        host, port = server.httpd.server_address[:2]
-        assert host == "127.0.0.1"
-        base = f"http://{host}:{port}/"
+    with GraphsServer(tmp_path, port=0) as server:  # what `clt-ray serve-graphs` runs
+        assert server.host == "127.0.0.1"
+        base = server.url
 
         def get(path: str) -> bytes:
             with urllib.request.urlopen(urllib.parse.urljoin(base, path), timeout=10) as resp:
@@ -188,8 +186,6 @@ def test_frontend_server_serves_our_graph_and_feature_json(toy_clt, tmp_path):
             assert top["quantile_name"] == "Top activations" and top["examples"]
         with pytest.raises(urllib.error.HTTPError):
             get("./data/features/no-such-clt/1.json")
-    finally:
-        server.stop()
 
 
 def test_feature_examples_are_the_replacement_models_own_top_activations(rm, toy_clt, tmp_path):

@@ -1,11 +1,13 @@
 """The whole auto-interp run on Ray against a local OpenAI-compatible server: every feature ends
 explained or recorded as failed under injected faults, a killed run resumes asking only for what is
-missing, and the budget cap stops sending."""
+missing, the budget cap stops sending, a run whose every request fails is an error, and the API
+key reaches the server but no Ray log."""
 
 from __future__ import annotations
 
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -184,3 +186,44 @@ def test_cache_source_without_a_cache_is_refused_before_any_work(toy_clt, tmp_pa
     with pytest.raises(ValueError, match="no activation cache at"):
         run_autointerp(missing, log=lambda m: None)
     assert not (tmp_path / "out").exists()  # nothing was started or written
+
+
+def test_api_key_reaches_the_server_but_no_ray_log_or_output(ray_local, toy_clt, tmp_path,
+                                                            features_file, monkeypatch):
+    """The key goes from the driver's environment to the actors' clients, and nowhere that Ray or
+    the run writes down (Ray records a runtime_env's env_vars in its session logs)."""
+    from clt_ray.actors.autointerp import run_autointerp_on_ray as run_autointerp
+
+    key = "sk-clt-ray-test-" + secrets.token_hex(20)
+    monkeypatch.setenv("CLT_RAY_TEST_LLM_KEY", key)
+    out = fresh_out(tmp_path, features_file)
+    with FakeLLMServer(responder, seed=6) as server:
+        run_autointerp(config(toy_clt, out, server.url, api_key_env="CLT_RAY_TEST_LLM_KEY"),
+                       log=lambda m: None)
+        sent = {e.authorization for e in server.entries()}
+    assert sent == {f"Bearer {key}"}  # the actors had it (Ray's workers never had it in env)
+    session = Path(ray_local._private.worker._global_node.get_session_dir_path())
+    files = [p for root in (session, out) for p in root.rglob("*") if p.is_file()]
+    assert any(p.name.startswith("runtime_env_agent") for p in files)  # the logs are there
+    assert [str(p) for p in files if key.encode() in p.read_bytes()] == []
+
+
+def test_a_run_whose_every_request_fails_is_an_error(ray_local, toy_clt, tmp_path, features_file):
+    """The server answers the endpoint check but fails every chat request: one line naming the
+    error, not "0 of N features explained" and exit 0; the failures are recorded for a rerun."""
+    from clt_ray.actors.autointerp import run_autointerp_on_ray as run_autointerp
+
+    from clt_ray.errors import CltRayError
+
+    out = fresh_out(tmp_path, features_file)
+    n = len(live_features(features_file))
+    with FakeLLMServer(responder, rate_500=1.0, seed=7) as server, \
+            pytest.raises(CltRayError) as err:
+        run_autointerp(config(toy_clt, out, server.url, max_retries=0), log=lambda m: None)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(f"all {n} explanation requests to {server.url} (fake) failed; "
+                              "all: InternalServerError"), message
+    explained = pq.read_table(out / "explanations.parquet").to_pylist()
+    assert len(explained) == n and not any(r["ok"] for r in explained)
+    assert not (out / "scores.parquet").exists()

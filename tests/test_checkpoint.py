@@ -228,3 +228,183 @@ def test_shards_written_apart_read_like_one_checkpoint(tmp_path: Path):
         assert torch.equal(a.state.rng["torch"], b.state.rng["torch"])
     (merged / "shard_001" / "W_dec_0.safetensors").unlink()
     assert not is_complete(merged)
+
+
+# --- damaged checkpoints -------------------------------------------------------------------------
+
+
+def flip_byte(path: Path, offset: int = -5) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+DAMAGES = {  # what is done to the checkpoint, the file the error names, what it says
+    "truncated": (lambda c: truncate(c / "W_dec_1.safetensors"), "W_dec_1.safetensors", "bytes"),
+    "deleted": (lambda c: (c / "W_enc_2.safetensors").unlink(), "W_enc_2.safetensors", "missing"),
+    "half-written manifest": (lambda c: truncate(c / "manifest.json"), "manifest.json",
+                              "unreadable"),
+    "flipped byte": (lambda c: flip_byte(c / "W_dec_1.safetensors"), "W_dec_1.safetensors",
+                     "sha256"),
+    "flipped optimizer byte": (lambda c: flip_byte(c / "optimizer" / "W_enc_0.safetensors"),
+                               "optimizer/W_enc_0.safetensors", "sha256"),
+}
+
+
+def run_with_two(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A run folder with checkpoints at steps 2 and 3."""
+    model, opt, state = trained()
+    run = tmp_path / "run"
+    older = save_checkpoint(checkpoint_path(run, 2), model, opt, state)
+    state.step = 3
+    newer = save_checkpoint(checkpoint_path(run, 3), model, opt, state)
+    return run, older, newer
+
+
+def test_manifest_records_size_and_sha256_of_every_file(tmp_path: Path):
+    import hashlib
+
+    model, opt, state = trained()
+    path = save_checkpoint(tmp_path / "c", model, opt, state)
+    manifest = json.loads((path / "manifest.json").read_text())
+    files = sorted(str(p.relative_to(path)) for p in path.rglob("*.safetensors"))
+    assert sorted(manifest["sha256"]) == sorted(manifest["sizes"]) == files
+    for name in files:
+        data = (path / name).read_bytes()
+        assert manifest["sizes"][name] == len(data)
+        assert manifest["sha256"][name] == hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_damaged_latest_is_skipped_saying_why_and_a_named_one_is_an_error(tmp_path, damage):
+    from clt_ray.train.checkpoint import DamagedCheckpoint, latest_checkpoint
+
+    run, older, newer = run_with_two(tmp_path)
+    do, file, what = DAMAGES[damage]
+    do(newer)
+    lines: list[str] = []
+    loaded = load_checkpoint(run, optimizer=True, log=lines.append)
+    assert loaded.state.step == 2 and loaded.path == older
+    assert len(lines) == 2, lines  # one line per skipped checkpoint, then the one used
+    assert newer.name in lines[0] and file in lines[0] and what in lines[0]
+    assert str(older) in lines[1]
+    with pytest.raises(DamagedCheckpoint, match=f"{file}.*{what}"):
+        load_checkpoint(newer, optimizer=True)
+    # the cheap listing sees what sizes show; a resume (verify=True) sees flipped bytes too
+    found, skipped = latest_checkpoint(run, verify=True)
+    assert found == older and len(skipped) == 1 and file in skipped[0]
+    if what != "sha256":
+        assert resolve_checkpoint(run, log=lines.append) == older
+        assert list_checkpoints(run) == [older]
+
+
+def test_damage_is_said_through_logging_by_default(tmp_path: Path, caplog):
+    run, older, newer = run_with_two(tmp_path)
+    truncate(newer / "W_dec_1.safetensors")
+    with caplog.at_level("WARNING"):
+        assert load_checkpoint(run).path == older
+    assert any(newer.name in r.getMessage() and "W_dec_1" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_a_run_of_only_damaged_checkpoints_is_an_error_naming_the_damage(tmp_path: Path):
+    run, older, newer = run_with_two(tmp_path)
+    truncate(newer / "W_dec_1.safetensors")
+    (older / "W_enc_0.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no usable checkpoint.*W_dec_1"):
+        load_checkpoint(run, log=lambda m: None)
+
+
+def test_checkpoints_without_recorded_sha256_still_load(tmp_path: Path):
+    """Checkpoints written before sha256 was recorded: loaded with the size check alone."""
+    from clt_ray.train.checkpoint import DamagedCheckpoint
+
+    model, opt, state = trained()
+    path = save_checkpoint(tmp_path / "c", model, opt, state)
+    manifest = json.loads((path / "manifest.json").read_text())
+    del manifest["sha256"]
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    loaded = load_checkpoint(path, optimizer=True)
+    assert torch.equal(loaded.model.W_enc, model.W_enc.detach())
+    truncate(path / "W_dec_0.safetensors")
+    with pytest.raises(DamagedCheckpoint, match="W_dec_0.safetensors"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("edit", ["clt", "shapes"])
+def test_manifest_shapes_disagreeing_with_the_files_are_an_error(tmp_path: Path, edit):
+    """An edited n_features would make the loader read the first rows only: a different CLT."""
+    from clt_ray.train.checkpoint import DamagedCheckpoint
+
+    model, opt, state = trained()
+    path = save_checkpoint(tmp_path / "c", model, opt, state)
+    manifest = json.loads((path / "manifest.json").read_text())
+    if edit == "clt":
+        manifest["clt"]["n_features"] = F // 2
+    else:
+        manifest["shapes"]["W_dec_1"] = [F // 2, L - 1, D]
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    file = "W_enc_0.safetensors" if edit == "clt" else "W_dec_1.safetensors"
+    key = "W_enc_0" if edit == "clt" else "W_dec_1"
+    shape, want = ([F, D], [F // 2, D]) if edit == "clt" else ([F, L - 1, D], [F // 2, L - 1, D])
+    with pytest.raises(DamagedCheckpoint) as err:
+        load_checkpoint(path)
+    assert f"{file}: tensor {key} has shape {shape}" in str(err.value)
+    assert str(want) in str(err.value)
+
+
+def save_sharded(tmp_path: Path, ranges=((0, 4), (4, 10))) -> Path:
+    from clt_ray.nn.clt import feature_dim
+    from clt_ray.train.checkpoint import load_adam_moments, save_checkpoint_shard
+
+    model, opt, state = trained()
+    merged = tmp_path / "merged"
+    for start, stop in ranges:
+        part = model.shard(start, stop)
+        part_opt = make_optimizer(part, OptimConfig())
+        load_adam_moments(part_opt, part, float(opt.state[model.b_dec]["step"]), {
+            n: {m: t if feature_dim(n) is None else t.narrow(feature_dim(n), start, stop - start)
+                for m, t in mo.items()} for n, mo in moments(model, opt).items()})
+        part_state = TrainingState(**{**state.__dict__, "tokens_since_fired":
+                                      state.tokens_since_fired[:, start:stop]})
+        save_checkpoint_shard(merged, part, part_opt, part_state, None, list(ranges))
+    return merged
+
+
+def test_shards_record_sha256_and_damage_in_a_shard_is_named(tmp_path: Path):
+    import hashlib
+
+    from clt_ray.train.checkpoint import DamagedCheckpoint, is_complete
+
+    merged = save_sharded(tmp_path)
+    for shard in ("shard_000", "shard_001"):
+        hashes = json.loads((merged / shard / "sha256.json").read_text())
+        sizes = json.loads((merged / shard / "sizes.json").read_text())
+        assert sorted(hashes) == sorted(sizes)
+        assert all(hashlib.sha256((merged / shard / n).read_bytes()).hexdigest() == h
+                   for n, h in hashes.items())
+    flip_byte(merged / "shard_001" / "W_dec_0.safetensors")
+    assert is_complete(merged)  # sizes agree: only a load, which hashes, can tell
+    assert load_checkpoint(merged, 0, 4).model.n_local == 4  # shard 1's rows are not read
+    with pytest.raises(DamagedCheckpoint, match="shard_001/W_dec_0.safetensors.*sha256"):
+        load_checkpoint(merged, 2, 7)
+
+
+def test_sharded_manifest_with_an_edited_n_features_is_an_error(tmp_path: Path):
+    from clt_ray.train.checkpoint import DamagedCheckpoint
+
+    merged = save_sharded(tmp_path)
+    manifest = json.loads((merged / "manifest.json").read_text())
+    manifest["clt"]["n_features"] = 4  # only shard 0's rows would be read
+    (merged / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DamagedCheckpoint, match="do not tile the 4 features"):
+        load_checkpoint(merged)
+    manifest["clt"]["n_features"], manifest["shards"] = 4, [[0, 2], [2, 4]]  # ranges edited too
+    (merged / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DamagedCheckpoint, match=r"shard_000/W_enc_0.safetensors: tensor W_enc_0 "
+                                                r"has shape \[4, 8\].*\[0, 2\)"):
+        load_checkpoint(merged)

@@ -131,7 +131,7 @@ def test_failed_export_leaves_no_partial_folder(tmp_path, monkeypatch):
     calls.clear()
     monkeypatch.setattr(export_mod, "save_file", failing_save)
     with pytest.raises(OSError):
-        export_clt(make("relu"), tmp_path / "out", "gpt2")
+        export_clt(make("relu"), tmp_path / "out", "gpt2", force=True)
     assert os.listdir(tmp_path) == ["out"]  # the earlier export is untouched
     assert {p: (tmp_path / "out" / p).read_bytes() for p in os.listdir(tmp_path / "out")} == before
 
@@ -166,3 +166,116 @@ def test_export_command_on_a_checkpoint(tmp_path, activation, k):
         with torch.no_grad():
             acts = ct.encode(heldout.transpose(0, 1))
         assert (acts > 0).sum(dim=(1, 2)).tolist() == [k * len(heldout)] * clt.cfg.n_layers
+
+
+# --- the destination: never delete what is not an export -------------------------------------------
+
+
+def tree(root) -> dict[str, bytes]:
+    """Every file under root with its bytes (to show nothing changed)."""
+    from pathlib import Path
+
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(Path(root).rglob("*"))
+            if p.is_file()}
+
+
+def test_export_replaces_only_a_previous_export_and_only_with_force(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    for force in (False, True):  # a folder of other files is never replaced
+        with pytest.raises(ExportError, match="not empty.*notes.txt.*not a previous"):
+            export_clt(make(), out, "gpt2", force=force)
+    assert tree(out) == {"notes.txt": b"mine"} and os.listdir(tmp_path) == ["out"]
+
+    (out / "notes.txt").unlink()  # an empty folder is filled
+    export_clt(make(), out, "gpt2")
+    first = tree(out)
+    with pytest.raises(ExportError, match="already holds a clt-ray export.*--force"):
+        export_clt(make("relu"), out, "gpt2")
+    assert tree(out) == first
+    export_clt(make("relu"), out, "gpt2", force=True)  # a previous export is replaced
+    assert read_export_config(out)["clt_ray"]["activation"] == "relu"
+
+    (out / "features").mkdir()  # an export holding anything else is not replaced
+    (out / "features" / "0.json").write_text("{}")
+    with pytest.raises(ExportError, match="not a previous clt-ray export"):
+        export_clt(make(), out, "gpt2", force=True)
+    assert (out / "features" / "0.json").read_text() == "{}"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ExportError, match="not a folder"):
+        export_clt(make(), tmp_path / "file", "gpt2")
+    assert sorted(os.listdir(tmp_path)) == ["file", "out"]  # no temporary folders left
+
+
+def test_export_never_writes_over_or_into_the_checkpoint_it_exports(tmp_path, monkeypatch,
+                                                                    capsys):
+    from test_metrics import make_run, run_main  # tiny model + corpus + checkpoint
+
+    from clt_ray.export import export_checkpoint
+    from clt_ray.train.checkpoint import load_checkpoint
+
+    path, _, _ = make_run(tmp_path)
+    run = tmp_path / "run"
+    before = tree(run)
+    for dest in (run, run / "checkpoints", path, path / "clt"):
+        with pytest.raises(ExportError, match="checkpoint"):
+            export_checkpoint(run, dest, force=True)
+    code, out, err = run_main(monkeypatch, capsys, "export", str(run), str(run))
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"Error: {run} holds the checkpoint")
+    assert tree(run) == before and load_checkpoint(run).state.step == 7
+    # a folder inside the run but outside its checkpoints is a fine place (the demo's graphs/clt)
+    exported = export_checkpoint(run, run / "graphs" / "clt")
+    assert read_export_config(exported)["clt_ray"]["step"] == 7
+
+
+def test_export_into_the_current_folder_is_refused_leaving_nothing(tmp_path, monkeypatch, capsys):
+    from test_metrics import make_run, run_main
+
+    make_run(tmp_path)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    for dest in (".", str(work), ".."):  # ".." is refused too (it also holds the checkpoint)
+        code, _, err = run_main(monkeypatch, capsys, "export", str(tmp_path / "run"), dest)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert "current folder" in err or dest == ".."
+    assert os.listdir(work) == [] and sorted(os.listdir(tmp_path)) == sorted(
+        ["work", "run", "model", "corpus.jsonl"])
+
+
+def test_export_of_a_run_with_a_damaged_latest_checkpoint_says_so(tmp_path, monkeypatch, capsys):
+    from test_metrics import make_run, run_main
+
+    from clt_ray.train.checkpoint import load_checkpoint, save_checkpoint
+
+    path, cfg, clt = make_run(tmp_path)
+    loaded = load_checkpoint(path)
+    loaded.state.step = 9
+    newer = save_checkpoint(path.parent / "step_000000009", clt, state=loaded.state, config=cfg)
+    blob = newer / "W_dec_1.safetensors"
+    blob.write_bytes(blob.read_bytes()[:100])
+    code, out, err = run_main(monkeypatch, capsys, "export", str(tmp_path / "run"),
+                              str(tmp_path / "out"))
+    assert code == 0 and "exported" in out, err
+    warnings = [ln for ln in err.splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 2 and "step_000000009" in warnings[0] and "W_dec_1" in warnings[0]
+    assert str(path) in warnings[1]
+    assert read_export_config(tmp_path / "out")["clt_ray"]["step"] == 7
+    code, _, err = run_main(monkeypatch, capsys, "export", str(newer), str(tmp_path / "out2"))
+    assert code == 2 and "W_dec_1.safetensors" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out2").exists()
+
+
+def test_export_device_is_checked_first(tmp_path, monkeypatch, capsys):
+    from test_metrics import make_run, run_main
+
+    make_run(tmp_path, "batchtopk", 3)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device, says in (("banana", "device 'banana' is not a torch device"),
+                         ("cuda", "device cuda asked for but torch sees no CUDA device")):
+        code, _, err = run_main(monkeypatch, capsys, "export", str(tmp_path / "run"),
+                                str(tmp_path / "out"), "--device", device)
+        assert code == 2 and err.strip() == f"Error: {says}"
+    assert not (tmp_path / "out").exists()

@@ -355,6 +355,22 @@ def make_run(tmp_path, activation: str = "jumprelu", k: int | None = None):
     return path, cfg, clt
 
 
+def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """`clt-ray ARGS` as the console script runs it: (exit code, stdout, stderr)."""
+    import sys
+
+    from clt_ray.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["clt-ray", *args])
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
 def test_eval_command_on_a_checkpoint(tmp_path):
     import json
 
@@ -384,3 +400,64 @@ def test_eval_command_on_a_checkpoint(tmp_path):
         assert text in res.output
     assert len([ln for ln in res.output.splitlines() if ln.strip().startswith(("0 ", "1 ", "2 "))
                 ]) == L
+
+
+def add_newer_checkpoint(tmp_path, path, cfg, clt, step: int = 9):
+    """A second checkpoint of the same CLT at a later step, next to make_run's."""
+    from clt_ray.train.checkpoint import load_checkpoint, save_checkpoint
+
+    state = load_checkpoint(path).state
+    state.step = step
+    return save_checkpoint(path.parent / f"step_{step:09d}", clt, state=state, config=cfg)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "deleted", "half-written manifest"])
+def test_eval_skips_a_damaged_latest_checkpoint_saying_so(tmp_path, monkeypatch, capsys, damage):
+    import json
+
+    path, cfg, clt = make_run(tmp_path)
+    newer = add_newer_checkpoint(tmp_path, path, cfg, clt)
+    file = {"truncated": "W_dec_1.safetensors", "deleted": "W_enc_2.safetensors",
+            "half-written manifest": "manifest.json"}[damage]
+    if damage == "deleted":
+        (newer / file).unlink()
+    else:
+        (newer / file).write_bytes((newer / file).read_bytes()[:50])
+    code, out, err = run_main(monkeypatch, capsys, "eval", str(tmp_path / "run"), "--json",
+                              "--batches", "1", "--no-splice")
+    assert code == 0, err
+    assert json.loads(out)["checkpoint"] == str(path) and json.loads(out)["step"] == 7
+    lines = err.strip().splitlines()
+    assert len(lines) == 2 and all(ln.startswith("warning: ") for ln in lines), err
+    assert newer.name in lines[0] and file in lines[0] and str(path) in lines[1]
+    code, out, err = run_main(monkeypatch, capsys, "eval", str(newer))  # named: an error
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert err.startswith("Error: ") and file in err
+
+
+def test_eval_of_a_checkpoint_with_an_edited_n_features_is_an_error(tmp_path, monkeypatch,
+                                                                     capsys):
+    import json
+
+    path, _, _ = make_run(tmp_path)  # 40 features per layer
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["clt"]["n_features"] = 20
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    code, _, err = run_main(monkeypatch, capsys, "eval", str(path))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"W_enc_0.safetensors: tensor W_enc_0 has shape [40, {D}]" in err
+    assert f"[20, {D}]" in err
+
+
+def test_eval_device_is_checked_before_any_work(tmp_path, monkeypatch, capsys):
+    import clt_ray.eval.metrics as metrics_mod
+
+    make_run(tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(metrics_mod, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    for device, says in (("banana", "device 'banana' is not a torch device"),
+                         ("cuda", "device cuda asked for but torch sees no CUDA device"),
+                         ("cuda:1", "device cuda:1 asked for but torch sees no CUDA device")):
+        code, out, err = run_main(monkeypatch, capsys, "eval", str(tmp_path / "run"),
+                                  "--device", device)
+        assert (code, out, err.strip()) == (2, "", f"Error: {says}")

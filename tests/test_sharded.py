@@ -184,7 +184,7 @@ def test_bad_shard_counts_and_addresses_fail_before_any_actor(tiny_lm_dir, tmp_p
         train_on_ray(cfg, tmp_path / "a", shards=2, min_shards=4)
     gpu = cfg.model_copy(update={"train": cfg.train.model_copy(update={"device": "cuda"})})
     if not torch.cuda.is_available():
-        with pytest.raises(ConfigError, match="CUDA is not available"):
+        with pytest.raises(ConfigError, match="sees no CUDA device"):
             train_on_ray(gpu, tmp_path / "a", shards=2)
     assert not (tmp_path / "a").exists()
     assert [feature_range(s, 4, 32) for s in range(4)] == [(0, 8), (8, 16), (16, 24), (24, 32)]

@@ -244,7 +244,7 @@ def test_config_checked_against_the_model_before_any_work(tiny_lm_dir):
     with pytest.raises(ConfigError, match="k=50 exceeds n_features=48"):
         check_config(small_config(model=name, clt={"activation": "topk", "k": 50}))
     if not torch.cuda.is_available():
-        with pytest.raises(ConfigError, match="CUDA is not available"):
+        with pytest.raises(ConfigError, match="train.device: device cuda asked for but torch sees no CUDA"):
             check_config(small_config(model=name, train={"device": "cuda"}))
     with pytest.raises(ConfigError, match="model.name"):
         check_config(small_config(model={"name": str(tiny_lm_dir / "missing")}))
@@ -344,3 +344,43 @@ def test_cli_train_on_the_toy_model_then_resume(tmp_path: Path, toy_gpt2):
                          capture_output=True, text=True, timeout=600, check=False)
     assert out.returncode == 0, out.stderr
     assert "resuming" in out.stdout and load_checkpoint(run).state.step == 8
+
+
+# --- metrics.jsonl after a crash -----------------------------------------------------------------
+
+
+def test_metrics_torn_last_line_is_dropped_and_said_a_bad_middle_line_is_an_error(tmp_path: Path):
+    from clt_ray.errors import CltRayError
+    from clt_ray.train.loop import MetricsFile
+
+    lines: list[str] = []
+    metrics = MetricsFile(tmp_path, log=lines.append)
+    metrics.append(*({"kind": "train", "step": s} for s in (1, 2, 3)))
+    with metrics.path.open("a") as f:
+        f.write('{"kind": "train", "st')  # a crash mid-write
+    metrics.truncate_after(2)
+    assert [json.loads(ln)["step"] for ln in metrics.path.read_text().splitlines()] == [1, 2]
+    assert len(lines) == 1 and "metrics.jsonl" in lines[0] and "line 4" in lines[0]
+    metrics.append({"kind": "train", "step": 3})  # the next record starts on a line of its own
+    assert [json.loads(ln)["step"] for ln in metrics.path.read_text().splitlines()] == [1, 2, 3]
+
+    metrics.path.write_text('{"step": 1}\n{"step": 2\n{"step": 3}\n')
+    with pytest.raises(CltRayError, match=r"metrics.jsonl, line 2: not a JSON record"):
+        metrics.truncate_after(3)
+    assert metrics.path.read_text() == '{"step": 1}\n{"step": 2\n{"step": 3}\n'  # untouched
+
+
+def test_resume_after_a_crash_mid_metrics_write(tmp_path: Path, tiny_lm_dir):
+    cfg = small_config(model={"name": str(tiny_lm_dir)},
+                       train={"steps": 6, "eval_every": 100, "log_every": 2})
+    run = tmp_path / "run"
+    train_from_config(cfg, run, log=lambda m: None)
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"kind": "train", "step": 7, "lo')
+    longer = cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": 8})})
+    said: list[str] = []
+    res = train_from_config(longer, run, resume=True, log=said.append)
+    assert res.step == 8
+    assert any("torn last line" in line for line in said), said
+    steps = [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps[-1] == 8

@@ -1,24 +1,46 @@
 """`clt-ray serve` over HTTP: the JSON API (pagination, search, filters, one feature, graphs,
 metrics) against the run folder made by the real pipeline (conftest `viewer_run`), missing
-outputs named with the command that makes them, path traversal refused, 127.0.0.1 by default."""
+outputs named with the command that makes them, unreadable ones named relative to the run, bad
+query values refused as 400s, no internal paths in any error, path traversal refused, 127.0.0.1 by
+default; and `clt-ray serve-graphs` (circuit-tracer's frontend alone) under the same attacks."""
 
 from __future__ import annotations
 
 import http.client
 import json
+import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import time
+import urllib.parse
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyarrow.parquet as pq
 import pytest
 
-from clt_ray.viewer import DEFAULT_HOST, RunPaths, ViewerServer
+from clt_ray.viewer import DEFAULT_HOST, GraphsServer, RunPaths, ViewerServer
 from clt_ray.viewer.data import RunData
 
 EXE = Path(sys.executable).parent / "clt-ray"
+INSTALL_PATHS = (sysconfig.get_paths()["purelib"], sys.prefix,
+                 str(Path(__file__).resolve().parents[1]))
+"""Where Python, the packages and this repository are: no response may show them."""
+ATTACKS = [
+    "/data/../../../../../../etc/passwd", "/graph_data//etc/hostname",  # issue 19, as sent
+    "/graph_data/../../../../etc/passwd", "/data//etc/passwd", "/data/features//etc/passwd",
+    "/data/..%2f..%2f..%2f..%2fetc/passwd", "/data/%2e%2e/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
+    "/data/%2fetc%2fpasswd", "/graph_data/%2Fetc%2Fhostname", "/data/..\\..\\..\\etc\\passwd",
+    "/data/C:/Windows/win.ini", "/data/x%00.json", "/data/features/../../../../etc/passwd",
+    "/data/escape/passwd", "/graph_data/secret.json", "/data/loop/x.json",  # symlinks out, loop
+    "/../../../../etc/passwd", "/%2e%2e/%2e%2e/%2e%2e/etc/passwd", "/..%2f..%2f..%2fetc/passwd",
+    "/static/../../../../etc/passwd", "/static/..%2f..%2f..%2fpyproject.toml",
+    "/data/" + "a" * 100_000,
+]
+"""Requests for files outside the served graphs folder (paths relative to circuit-tracer's
+frontend root: `clt-ray serve-graphs` serves it at /, `clt-ray serve` under /ct)."""
 
 
 @pytest.fixture(scope="module")
@@ -27,16 +49,36 @@ def server(viewer_run):
         yield s
 
 
-def raw_get(server: ViewerServer, path: str, host: str | None = None) -> tuple[int, str]:
+def raw_get(server: ViewerServer, path: str, host: str | None = None, method: str = "GET"
+            ) -> tuple[int, str]:
     """GET with the path sent exactly as written (no client-side normalisation)."""
     conn = http.client.HTTPConnection(server.host, server.port, timeout=10)
-    conn.putrequest("GET", path, skip_host=True, skip_accept_encoding=True)
+    conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
     conn.putheader("Host", host or f"{server.host}:{server.port}")
     conn.endheaders()
     res = conn.getresponse()
     body = res.read().decode(errors="replace")
     conn.close()
     return res.status, body
+
+
+def no_internals(body: str, *paths: Path | str) -> bool:
+    """No traceback, no install path, none of `paths` (absolute) in a response."""
+    return "Traceback" not in body and not any(str(p) in body for p in (*INSTALL_PATHS, *paths))
+
+
+def start_cli(*args: str) -> tuple[subprocess.Popen, SimpleNamespace]:
+    """`clt-ray ARGS` in the background, once it prints its URL: (process, its host and port)."""
+    proc = subprocess.Popen([str(EXE), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    line = ""
+    deadline = time.monotonic() + 60
+    while "http://" not in line and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        assert line or proc.poll() is None, f"clt-ray {args[0]} exited"
+    match = re.search(r"http://([^/:]+):(\d+)/", line)
+    assert match, line
+    return proc, SimpleNamespace(host=match.group(1), port=int(match.group(2)))
 
 
 def get_json(server: ViewerServer, path: str) -> tuple[int, dict]:
@@ -204,18 +246,175 @@ def test_foreign_host_header_is_refused(server):
     assert status == 400
 
 
-def test_bad_requests_are_messages_not_tracebacks(server):
+@pytest.fixture(scope="module")
+def graphs_dir(viewer_run, tmp_path_factory):
+    """A copy of the run's graphs folder with symlinks out of it (a folder, a file) and a loop."""
+    folder = tmp_path_factory.mktemp("serve-graphs") / "graphs"
+    shutil.copytree(viewer_run / "graphs", folder)
+    secret = folder.parent / "secret.json"
+    secret.write_text('{"passwd": "root:x:0:0"}')
+    (folder / "escape").symlink_to("/etc", target_is_directory=True)
+    (folder / "secret.json").symlink_to(secret)
+    (folder / "loop").symlink_to(folder / "loop")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def graphs_server(graphs_dir):
+    with GraphsServer(graphs_dir, port=0) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def ct_server(viewer_run, graphs_dir):
+    with ViewerServer(RunPaths.of(viewer_run, graphs=graphs_dir), port=0) as s:
+        yield s
+
+
+@pytest.mark.parametrize("path", ATTACKS)
+@pytest.mark.parametrize("app", ["serve-graphs", "serve"])
+def test_graph_files_out_of_the_folder_are_refused(app, path, graphs_server, ct_server,
+                                                    graphs_dir):
+    server, prefix = (graphs_server, "") if app == "serve-graphs" else (ct_server, "/ct")
+    status, body = raw_get(server, prefix + path)
+    assert status in (400, 404), (status, body[:300])
+    assert "root:" not in body and "[project]" not in body and len(body) < 2000
+    assert no_internals(body, graphs_dir)
+
+
+def test_serve_graphs_refuses_a_foreign_host(graphs_server):
+    assert raw_get(graphs_server, "/index.html")[0] == 200
+    for host in ("evil.example", "evil.example:8032", "127.0.0.1.evil.example"):
+        assert raw_get(graphs_server, "/data/graph-metadata.json", host=host)[0] == 400, host
+
+
+def test_serve_graphs_serves_circuit_tracers_frontend_for_the_folder(graphs_server, graphs_dir):
+    status, page = raw_get(graphs_server, "/index.html")
+    assert status == 200 and raw_get(graphs_server, "/") == (200, page)
+    scripts = re.findall(r"<script src='([^']+)'", page)
+    assert scripts and not [s for s in scripts if "://" in s]  # offline
+    for src in scripts:  # as a browser asks for them
+        assert raw_get(graphs_server, urllib.parse.urljoin("/index.html", src))[0] == 200, src
+    meta = json.loads((graphs_dir / "graph-metadata.json").read_text())
+    assert get_json(graphs_server, "/data/graph-metadata.json") == (200, meta)
+    for entry in meta["graphs"]:
+        status, graph = get_json(graphs_server, f"/graph_data/{entry['slug']}.json")
+        assert status == 200 and graph["metadata"]["prompt"] == entry["prompt"]
+        scan = graph["metadata"]["scan"]
+        feature = next(n["feature"] for n in graph["nodes"]
+                       if n["feature_type"] == "cross layer transcoder")
+        status, dashboard = get_json(graphs_server, f"{scan[1:]}/{feature}.json")  # ./data/…
+        assert status == 200 and dashboard["index"] == feature
+    before = (graphs_dir / f"{meta['graphs'][0]['slug']}.json").read_bytes()
+    status, _ = raw_get(graphs_server, f"/save_graph/{meta['graphs'][0]['slug']}", method="POST")
+    assert status == 405  # read-only: circuit-tracer's server would rewrite the graph file
+    assert (graphs_dir / f"{meta['graphs'][0]['slug']}.json").read_bytes() == before
+
+
+def test_clt_ray_serve_graphs_binds_loopback_and_refuses_the_attacks(graphs_dir):
+    proc, s = start_cli("serve-graphs", str(graphs_dir), "--port", "0")
+    try:
+        assert s.host == "127.0.0.1"
+        assert raw_get(s, "/index.html")[0] == 200
+        assert get_json(s, "/data/graph-metadata.json")[0] == 200
+        for path in ATTACKS[:2]:  # issue 19's two requests, as curl --path-as-is sends them
+            status, body = raw_get(s, path)
+            assert status in (400, 404) and "root:" not in body, (path, body)
+            assert no_internals(body, graphs_dir)
+        assert raw_get(s, "/index.html", host="evil.example")[0] == 400
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+@pytest.mark.parametrize("query", [
+    "min_density=nan", "min_density=inf", "min_density=1e400", "max_density=-inf",
+    "max_density=NaN", "min_score=1e400", "min_density=" + "9" * 100_000,
+    "layer=99999999999999999999", "offset=1e3", "limit=-99999999999999999999",
+])
+def test_bad_query_values_are_400s_with_a_message(server, viewer_run, query):
+    status, body = raw_get(server, f"/api/features?{query}")
+    name = query.split("=")[0]
+    assert status == 400 and json.loads(body)["error"].startswith(f"{name} must be"), body[:300]
+    assert len(body) < 1000 and no_internals(body, viewer_run)
+
+
+def test_long_paths_are_refused_without_internal_paths(server, viewer_run):
+    for path in ["/ct/" + "a" * 100_000, "/ct/data/" + "a" * 300, "/ct/graph_data/" + "b/" * 50_000,
+                 "/static/" + "a/" * 50_000, f"/api/graph/{'a' * 100_000}/node/1",
+                 f"/feature/{'9' * 5000}/1", f"/api/feature/1/{'9' * 5000}"]:
+        status, body = raw_get(server, path)
+        assert status in (400, 404), (path[:40], status, body[:300])
+        assert len(body) < 2000 and no_internals(body, viewer_run), (path[:40], body[:300])
+
+
+def _no_columns(path: Path) -> None:
+    pq.write_table(pq.read_table(path).select(["layer"]), path)
+
+
+@pytest.mark.parametrize("file, damage, pages", [
+    ("autointerp/features.parquet", b"PAR1 not Parquet",
+     ["/features", "/feature/0/1", "/api/features", "/api/feature/0/1", "/api/layers"]),
+    ("autointerp/features.parquet", _no_columns, ["/features", "/api/features?limit=3"]),
+    ("autointerp/explanations.parquet", b"\x00" * 64, ["/api/features?q=the", "/api/feature/0/1"]),
+    ("graphs/graph-metadata.json", b'{"graphs": [', ["/graphs", "/graph/any", "/api/graphs"]),
+    ("graphs/graph-metadata.json", b'{"graphs": 5}', ["/graphs", "/api/graph/any/node/1"]),
+], ids=["features-not-parquet", "features-no-columns", "explanations-zeros", "metadata-torn",
+        "metadata-not-a-list"])
+def test_an_unreadable_output_is_a_page_naming_it_relative_to_the_run(viewer_run, tmp_path, file,
+                                                                        damage, pages):
+    run = tmp_path / "run"
+    shutil.copytree(viewer_run, run)
+    if callable(damage):
+        damage(run / file)
+    else:
+        (run / file).write_bytes(damage)
+    with ViewerServer(RunPaths.of(run), port=0) as s:
+        for page in pages:
+            status, body = raw_get(s, page)
+            assert status == 500 and f"could not be read: {file}" in body, (page, body[:300])
+            assert "Make it again with `clt-ray" in body
+            assert no_internals(body, run), (page, body)
+            if not page.startswith("/api/"):
+                assert "<h1>Unreadable output</h1>" in body
+
+
+def test_a_metrics_file_with_bad_bytes_keeps_its_good_lines(viewer_run, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    good = (viewer_run / "metrics.jsonl").read_bytes()
+    (run / "metrics.jsonl").write_bytes(b"\xff\xfe garbage\n" + good)
+    with ViewerServer(RunPaths.of(run), port=0) as s:
+        status, metrics = get_json(s, "/api/metrics")
+    assert status == 200 and metrics["train"]["step"] == [
+        json.loads(x)["step"] for x in good.decode().splitlines() if '"train"' in x]
+
+
+def test_internal_errors_do_not_show_their_text(viewer_run, monkeypatch):
+    def boom(self):
+        raise RuntimeError(f"secret {INSTALL_PATHS[0]} {viewer_run}")
+
+    monkeypatch.setattr(RunData, "metrics", boom)
+    with ViewerServer(RunPaths.of(viewer_run), port=0) as s:
+        status, body = raw_get(s, "/api/metrics")
+    assert status == 500 and "internal error" in body and "secret" not in body
+    assert no_internals(body, viewer_run)
+
+
+def test_bad_requests_are_messages_not_tracebacks(server, viewer_run):
     for path, status, words in [
         ("/api/feature/99/0", 404, "layer 99 feature 0"),
         ("/feature/99/0", 404, "layer 99 feature 0"),
         ("/feature/x/0", 404, "no page"),
         ("/api/features?layer=two", 400, "layer must be an integer"),
-        ("/api/features?min_score=high", 400, "min_score must be a number"),
+        ("/api/features?min_score=high", 400, "min_score must be a finite number"),
         ("/api/graph/no-such-graph/node/1_2_3", 404, "no graph"),
-        ("/graph/no-such-graph", 404, "no graph"),
+        ("/graph/no-such-graph", 404, "in graphs/graph-metadata.json"),
+        ("/api/feature/0/99999", 404, "not in autointerp/features.parquet"),
     ]:
         got, body = raw_get(server, path)
         assert got == status and words in body and "Traceback" not in body, (path, body)
+        assert no_internals(body, viewer_run), (path, body)
 
 
 def test_missing_outputs_name_the_file_and_the_command(viewer_run, tmp_path):
@@ -263,19 +462,10 @@ def test_serve_binds_loopback_by_default(viewer_run):
     assert DEFAULT_HOST == "127.0.0.1"
     with ViewerServer(RunPaths.of(viewer_run), port=0) as s:
         assert s.host == "127.0.0.1"
-    proc = subprocess.Popen([str(EXE), "serve", str(viewer_run), "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc, s = start_cli("serve", str(viewer_run), "--port", "0")
     try:
-        line = ""
-        deadline = time.monotonic() + 60
-        while "http://" not in line and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            assert line or proc.poll() is None, "clt-ray serve exited"
-        assert "http://127.0.0.1:" in line, line
-        port = int(line.split("http://127.0.0.1:")[1].split("/")[0])
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        conn.request("GET", "/api/run")
-        assert conn.getresponse().status == 200
+        assert s.host == "127.0.0.1"
+        assert raw_get(s, "/api/run")[0] == 200
     finally:
         proc.terminate()
         proc.wait(timeout=20)

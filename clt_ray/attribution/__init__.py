@@ -25,7 +25,6 @@ from clt_ray.attribution.folder import (
     check_fits,
     read_clt_folder,
 )
-from clt_ray.attribution.frontend import serve_frontend
 from clt_ray.attribution.graphs import (
     GraphResult,
     attribute_prompt,
@@ -58,6 +57,6 @@ __all__ = [
     "Intervention", "InterventionResult", "attribute_prompt", "attribute_prompts", "check_fits",
     "context_limit", "contrast_target", "example_windows", "feature_scan", "graph_eval_prompts",
     "graph_scorer_for", "intervene", "load_replacement_model", "parse_intervention",
-    "pick_backend", "read_clt_folder", "remove_stale", "serve_frontend", "slugify",
+    "pick_backend", "read_clt_folder", "remove_stale", "slugify",
     "token_strings", "tokenize", "write_feature_dashboards", "write_graph",
 ]

@@ -10,7 +10,9 @@ exponential backoff. This layer adds one thing on top: a reply that `parse` reje
 more, then recorded as failed with its raw text.
 
 The API key is read only from the environment variable named by `LLMConfig.api_key_env`, when a
-run starts; only that run's openai clients hold it: never a config, a result, the cache or a log.
+run starts, as a SecretStr (redacted repr) that reaches Ray actors as a constructor argument; only
+that run's openai clients hold its value: never a config, a result, the cache or a log. Unset, the
+requests carry the placeholder "EMPTY" and `check_endpoint` says so once.
 """
 
 from __future__ import annotations
@@ -30,9 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from pydantic import SecretStr
 from typing_extensions import Self
 
-from clt_ray.config import LLMConfig
+from clt_ray.config import NO_KEY, LLMConfig
+from clt_ray.errors import CltRayError
 
 log = logging.getLogger(__name__)
 
@@ -189,13 +193,66 @@ class LLMStats:
     cost_usd: float = 0.0
 
 
+def describe_error(err: BaseException) -> str:
+    """'<error class>: <message>', named for what happened. openai's aiohttp transport reports a
+    refused connection as APITimeoutError (its exception map turns aiohttp's ClientConnectorError
+    into httpx's ConnectTimeout), so the underlying OSError decides, and is appended."""
+    import openai
+
+    root = err
+    while (inner := root.__cause__ or root.__context__) is not None:
+        root = inner
+    root = getattr(root, "os_error", None) or root  # aiohttp's ClientConnectorError wraps it
+    name, message = type(err).__name__, getattr(err, "message", None) or str(err)
+    if isinstance(root, OSError) and not isinstance(root, TimeoutError) and root is not err:
+        if isinstance(err, openai.APITimeoutError):
+            name, message = "APIConnectionError", "Connection error."
+        return f"{name}: {message} ({type(root).__name__}: {root})"
+    return f"{name}: {message}"
+
+
+def check_endpoint(cfg: LLMConfig, api_key: SecretStr, log: Callable[[str], None]) -> None:
+    """Before any expensive work: one GET /models (free; vLLM, SGLang and OpenAI serve it), so a
+    server that is not there or refuses the key is a one-line CltRayError instead of a top-k job
+    followed by every request failing. Says once when no key is set. A server that answers but
+    lists no models passes; one whose list lacks llm.model gets a warning line."""
+    import openai
+
+    key = api_key.get_secret_value()
+    if not key:
+        log(f"llm: ${cfg.api_key_env} is not set, so requests to {cfg.base_url} go without an "
+            "API key (normal for a local vLLM; set it for a hosted API)")
+    client = openai.OpenAI(base_url=cfg.base_url, api_key=key or NO_KEY,
+                           timeout=min(cfg.timeout_s, 10.0), max_retries=1)
+    try:
+        served = [getattr(m, "id", None) for m in client.models.list().data]
+    except (openai.AuthenticationError, openai.PermissionDeniedError) as err:
+        which = f"the key in ${cfg.api_key_env}" if key else f"no key (${cfg.api_key_env} is unset)"
+        raise CltRayError(f"llm: {cfg.base_url} refuses {which}: {describe_error(err)}") from None
+    except openai.APIConnectionError as err:  # timeouts included
+        raise CltRayError(f"llm.base_url: no server answers at {cfg.base_url} "
+                          f"({describe_error(err)}); start it, or fix llm.base_url") from None
+    except openai.APIError:
+        return  # it answers; not every OpenAI-compatible server lists its models
+    finally:
+        client.close()
+    if served and cfg.model not in served:
+        shown = ", ".join(map(str, served[:5])) + (", …" if len(served) > 5 else "")
+        log(f"llm.model: {cfg.model!r} is not among the models {cfg.base_url} lists ({shown}); "
+            "its requests may fail")
+
+
 class LLMClient:
-    """Runs a list of chat requests: cache first, then at most `concurrency` in flight."""
+    """Runs a list of chat requests: cache first, then at most `concurrency` in flight.
+    api_key: the key as read by the caller (a Ray actor gets the driver's); default: read from
+    this process's environment now."""
 
     def __init__(
-        self, config: LLMConfig, cache: ResultCache | None = None, budget: Budget | None = None
+        self, config: LLMConfig, cache: ResultCache | None = None, budget: Budget | None = None,
+        api_key: SecretStr | None = None,
     ) -> None:
         self.config = config
+        self.api_key = api_key if api_key is not None else config.api_key()
         self.cache = cache
         self.budget = budget if budget is not None else Budget(config.budget_usd)
         self.stats = LLMStats()
@@ -296,7 +353,7 @@ class LLMClient:
         return [
             AsyncOpenAI(
                 base_url=cfg.base_url,
-                api_key=cfg.api_key(),
+                api_key=self.api_key.get_secret_value() or NO_KEY,
                 timeout=cfg.timeout_s,
                 max_retries=cfg.max_retries,
                 http_client=http(verify=tls, event_hooks={"request": [_count_try]}),
@@ -344,7 +401,7 @@ class LLMClient:
                 # were a third of the CPU per request, the limit at high request rates.
                 body = await client.post("/chat/completions", body=payload, cast_to=dict)
             except openai.APIError as err:
-                body, res.error = None, f"{type(err).__name__}: {err.message}"
+                body, res.error = None, describe_error(err)
             finally:
                 _tries.reset(token)
                 self._count_attempts(res, counter[0])

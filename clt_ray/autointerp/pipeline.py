@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -16,17 +17,18 @@ import pyarrow.parquet as pq
 from typing_extensions import Self
 
 from clt_ray import layout
-from clt_ray.autointerp.llm import BUDGET_EXHAUSTED, LLMResult
+from clt_ray.autointerp.llm import BUDGET_EXHAUSTED, LLMResult, check_endpoint
 from clt_ray.autointerp.tasks import (
     explanation_requests,
     explanation_rows,
     score_rows,
     scoring_requests,
 )
-from clt_ray.cache.store import load_manifest
+from clt_ray.cache.store import check_files, load_manifest
 from clt_ray.config import AutoInterpConfig, LLMConfig, TopKSettings
+from clt_ray.errors import CltRayError, ConfigError
 from clt_ray.fsutil import atomic_write_parquet
-from clt_ray.train.checkpoint import LoadedCheckpoint, load_checkpoint
+from clt_ray.train.checkpoint import LoadedCheckpoint, load_checkpoint, read_manifest
 
 
 class Executor(Protocol):
@@ -48,20 +50,32 @@ class Executor(Protocol):
         ...
 
 
-def chosen_features(cfg: AutoInterpConfig, n_features: int) -> tuple[tuple[int, int], Any]:
-    """(the feature range to collect, a filter on (layer, feature)) of the config's choice."""
+def chosen_features(cfg: AutoInterpConfig, n_layers: int,
+                    n_features: int) -> tuple[tuple[int, int], Any]:
+    """(the feature range to collect, a filter on (layer, feature)) of the config's choice, after
+    checking it against a CLT of n_layers × n_features: ConfigError naming each problem."""
     choice = cfg.features
+    problems = choice.problems(n_layers, n_features)
+    if problems:
+        raise ConfigError(f"features do not fit the checkpoint's CLT ({n_layers} layers of "
+                          f"{n_features} features):\n  " + "\n  ".join(problems))
     layers = None if choice.layers is None else set(choice.layers)
     if choice.graphs is not None:
         nodes = graph_features(choice.graphs)
+        outside = sorted((l, f) for l, f in nodes
+                         if not (0 <= l < n_layers and 0 <= f < n_features))
+        if outside:
+            raise ConfigError(f"features.graphs: {choice.graphs} holds feature {outside[0][1]} of "
+                              f"layer {outside[0][0]}, outside this CLT's {n_layers} layers of "
+                              f"{n_features} features (graphs of another CLT?)")
+        nodes = {(l, f) for l, f in nodes if layers is None or l in layers}
         if not nodes:
-            raise ValueError(f"{choice.graphs}: its graphs hold no feature nodes")
+            raise ConfigError(f"features.graphs: {choice.graphs} holds no feature nodes"
+                              + ("" if layers is None else f" in features.layers {sorted(layers)}"))
         lo, hi = min(f for _, f in nodes), max(f for _, f in nodes) + 1
-        return (lo, hi), lambda l, f: (l, f) in nodes and (layers is None or l in layers)
+        return (lo, hi), lambda l, f: (l, f) in nodes
     if choice.all:
         return (0, n_features), lambda l, f: layers is None or l in layers
-    if max(b for _, b in choice.ranges) > n_features:
-        raise ValueError(f"features.ranges go past the CLT's {n_features} features per layer")
     lo, hi = min(a for a, _ in choice.ranges), max(b for _, b in choice.ranges)
     return (lo, hi), lambda l, f: (any(a <= f < b for a, b in choice.ranges)
                                    and (layers is None or l in layers))
@@ -71,34 +85,51 @@ def graph_features(folder: str | os.PathLike[str]) -> set[tuple[int, int]]:
     """(layer, feature) of every feature node in the graph JSON files of an attribute folder."""
 
     folder = Path(folder)
+    if not folder.is_dir():
+        raise ConfigError(f"features.graphs: {folder} is not a folder; give the output folder of "
+                          "`clt-ray attribute`")
     meta = folder / layout.GRAPH_METADATA
     if not meta.is_file():
-        raise ValueError(f"{folder}: no {layout.GRAPH_METADATA}; make graphs with `clt-ray attribute`")
-    out = set()
-    for g in json.loads(meta.read_text())["graphs"]:
-        graph = json.loads((folder / f"{g['slug']}.json").read_text())
-        for node in graph["nodes"]:
-            if node["feature_type"] == "cross layer transcoder":
-                layer, feature, _ = node["node_id"].split("_")
-                out.add((int(layer), int(feature)))
+        raise ConfigError(f"features.graphs: {folder} has no {layout.GRAPH_METADATA}; make graphs "
+                          "with `clt-ray attribute`")
+    out, path = set(), meta
+    try:
+        for g in json.loads(meta.read_text())["graphs"]:
+            path = folder / f"{g['slug']}.json"
+            for node in json.loads(path.read_text())["nodes"]:
+                if node["feature_type"] == "cross layer transcoder":
+                    layer, feature, _ = node["node_id"].split("_")
+                    out.add((int(layer), int(feature)))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"features.graphs: {path} is not readable as an attribution graph "
+                          f"({type(exc).__name__}: {exc})") from None
     return out
 
 
 def run_autointerp(cfg: AutoInterpConfig, executor: Executor,
                    log: Callable[[str], None] = print, topk_only: bool = False) -> dict[str, Any]:
     """Top-k statistics (reused when the folder already has them for these settings), then
-    explanations, then scores (not with topk_only); Parquet files in cfg.out. The checkpoint is
-    loaded and checked before the executor starts. Returns the run's summary."""
+    explanations, then scores (not with topk_only); Parquet files in cfg.out. Everything that can
+    be checked is, before the executor starts (minutes of Ray work): the feature choice against
+    the checkpoint's manifest, the checkpoint, the activation cache's files, the LLM endpoint.
+    A stage whose every request failed is a CltRayError. Returns the run's summary."""
+    clt = read_manifest(cfg.checkpoint)["clt"]
+    chosen = chosen_features(cfg, clt["n_layers"], clt["n_features"])
+    if cfg.llm is None and not topk_only:
+        raise ConfigError("the config has no llm section (the endpoint that explains and "
+                          "scores); add one, or run with --topk-only")
     loaded = load_checkpoint(cfg.checkpoint)
     t, cache = cfg.topk, None
     if t.source == "cache":
         cache = t.cache or loaded.config.data.cache
         if cache is None:
-            raise ValueError("topk.source is cache, but neither topk.cache nor the run's "
-                             "data.cache names one")
+            raise ConfigError("topk.source is cache, but neither topk.cache nor the run's "
+                              "data.cache names one")
         if load_manifest(cache) is None:
-            raise ValueError(f"topk.cache: no activation cache at {cache}")
-    chosen = chosen_features(cfg, loaded.model.cfg.n_features)
+            raise ConfigError(f"topk.cache: no activation cache at {cache}")
+        check_files(cache)  # a missing or truncated file: one line now, not inside the Ray job
+    if not topk_only:
+        check_endpoint(cfg.llm, cfg.llm.api_key(), log)
     with executor:
         return _run(cfg, executor, loaded, cache, chosen, log, topk_only)
 
@@ -122,17 +153,22 @@ def _run(cfg: AutoInterpConfig, executor: Executor, loaded: LoadedCheckpoint,
     rows = [r for r in pq.read_table(features_file).to_pylist() if keep(r["layer"], r["feature"])]
     if topk_only:
         return {"features": len(rows), "fired": sum(bool(r["top_examples"]) for r in rows)}
+    llm = cfg.llm
+    assert llm is not None  # run_autointerp checked
     llm_cache = str(out / layout.LLM_CACHE)
-    asked = explanation_requests(rows, cfg.llm.model, cfg.explain_examples)
-    log(f"explaining {len(asked)} features with {cfg.llm.model} at {cfg.llm.base_url}")
-    results = executor.call(asked, cfg.llm, llm_cache, desc="explanations", unit="feature")
+    asked = explanation_requests(rows, llm.model, cfg.explain_examples)
+    log(f"explaining {len(asked)} features with {llm.model} at {llm.base_url}")
+    results = executor.call(asked, llm, llm_cache, desc="explanations", unit="feature")
     explained = explanation_rows(asked, results)
     atomic_write_parquet(explained, out / layout.EXPLANATIONS)
+    _some_succeeded(results, "explanation", llm)
     texts = {(r["layer"], r["feature"]): r["explanation"] for r in explained if r["ok"]}
-    scored_q = scoring_requests(rows, texts, cfg.scorers, cfg.llm.model, cfg.score_examples)
+    scored_q = scoring_requests(rows, texts, cfg.scorers, llm.model, cfg.score_examples)
     log(f"scoring {len(texts)} explanations: {len(scored_q)} questions ({', '.join(cfg.scorers)})")
-    scored = score_rows(scored_q, executor.call(scored_q, cfg.llm, llm_cache, desc="scores"))
+    score_results = executor.call(scored_q, llm, llm_cache, desc="scores")
+    scored = score_rows(scored_q, score_results)
     atomic_write_parquet(scored, out / layout.SCORES)
+    _some_succeeded(score_results, "scoring", llm)
     every = explained + scored
     summary = {
         "features": len(rows), "explained": len(texts),
@@ -147,6 +183,18 @@ def _run(cfg: AutoInterpConfig, executor: Executor, loaded: LoadedCheckpoint,
         if ok:
             summary[f"{name}_auc_mean"] = round(sum(r["auc"] for r in ok) / len(ok), 4)
     return summary
+
+
+def _some_succeeded(results: list[LLMResult], what: str, llm: LLMConfig) -> None:
+    """A stage whose every request sent failed is an error, not a summary of zeros (its table is
+    written first: each failure is recorded there, and a rerun asks only for those). Requests
+    the budget stopped were not sent: the summary says the budget was reached."""
+    sent = [r for r in results if r.error != BUDGET_EXHAUSTED]
+    if not sent or any(r.ok for r in sent):
+        return
+    (error, n), *_ = Counter(" ".join(str(r.error).split()) for r in sent).most_common(1)
+    raise CltRayError(f"all {len(sent)} {what} requests to {llm.base_url} ({llm.model}) "
+                      f"failed; {'all' if n == len(sent) else f'{n} of them'}: {error[:300]}")
 
 
 def topk_request(checkpoint: str | os.PathLike[str], tokens: int, features: tuple[int, int],

@@ -206,6 +206,41 @@ def open_cache(uri: str) -> tuple[pafs.FileSystem, str, Manifest]:
     return fs, root, manifest
 
 
+def check_files(uri: str) -> Manifest:
+    """The manifest of the cache at `uri`, after checking that every file it lists is there with
+    its recorded size: one listing, no file read, so damage is found before training starts
+    rather than at the step that reaches the file (sha256 is checked as each file is read)."""
+    fs, root, manifest = open_cache(uri)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=False))
+    except (OSError, pa.ArrowException) as exc:
+        raise CacheError(f"{uri}: cannot list the cache's files ({exc})") from None
+    sizes = {info.path.rpartition("/")[2]: info.size for info in infos
+             if info.type == pafs.FileType.File}
+    missing = [f.name for f in manifest.files if f.name not in sizes]
+    wrong = [f"{f.name} ({sizes[f.name]} bytes, the manifest says {f.bytes})"
+             for f in manifest.files if f.name in sizes and sizes[f.name] != f.bytes]
+    problems = ([f"{len(missing)} missing: {', '.join(missing[:3])}"
+                 + (", …" if len(missing) > 3 else "")] if missing else [])
+    problems += ([f"{len(wrong)} of the wrong size: {', '.join(wrong[:3])}"
+                  + (", …" if len(wrong) > 3 else "")] if wrong else [])
+    if problems:
+        raise CacheError(f"{uri}: the activation cache is damaged, of its {len(manifest.files)} "
+                         f"files {'; '.join(problems)}")
+    return manifest
+
+
+def check_destination(uri: str) -> None:
+    """Refuse a cache destination that is an existing file (a cache is a folder)."""
+    fs, root = filesystem(uri)
+    try:
+        kind = fs.get_file_info(root).type
+    except (OSError, pa.ArrowException) as exc:
+        raise CacheError(f"{uri}: cannot be reached ({exc})") from None
+    if kind == pafs.FileType.File:
+        raise CacheError(f"{uri} is a file; the activation cache is a folder: pass another --out")
+
+
 def read_file(fs: pafs.FileSystem, root: str, entry: CacheFile, uri: str = "") -> bytes:
     """A cache file's bytes, after checking its size and sha256 against the manifest."""
     where = f"{uri or root}/{entry.name}"

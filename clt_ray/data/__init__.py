@@ -28,6 +28,7 @@ from clt_ray.data.text import (
     TokenWindows,
     ToyDocuments,
     bos_id,
+    check_corpus,
     heldout_windows,
     make_documents,
     pad_id,
@@ -37,7 +38,7 @@ from clt_ray.data.text import (
 __all__ = [
     "ActivationSource", "Batch", "BlockStream", "Documents", "FileDocuments", "HFDocuments",
     "LMBlocks", "ShuffledSource", "SlicedDocuments", "State", "TensorBlocks", "TensorSource",
-    "TokenWindows", "ToyDocuments", "bos_id", "heldout_windows", "lm_blocks", "lm_source",
-    "make_documents", "pad_id", "pad_windows", "split_batches", "take_tokens",
+    "TokenWindows", "ToyDocuments", "bos_id", "check_corpus", "heldout_windows", "lm_blocks",
+    "lm_source", "make_documents", "pad_id", "pad_windows", "split_batches", "take_tokens",
     "trainable_activations", "window_activations",
 ]

@@ -86,19 +86,16 @@ class FileDocuments(Documents):
     def _raw(self) -> Iterator[str]:
         for path in self.files:
             if path.suffix == ".txt":
-                yield path.read_text()
+                yield _text(path.read_bytes(), str(path))
                 continue
             if path.suffix == ".parquet":
                 yield from _parquet_texts(path, self.text_field)
                 continue
-            with path.open() as f:
+            with path.open("rb") as f:
                 for n, line in enumerate(f, 1):
                     if line.strip():
-                        try:
-                            yield json.loads(line)[self.text_field]
-                        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                            raise ValueError(f"{path}:{n}: not a JSON object with a "
-                                             f"{self.text_field!r} field ({exc})") from None
+                        yield _json_text(_text(line, f"{path}:{n}"), self.text_field,
+                                         f"{path}:{n}")
 
     def iter_from(self, index: int) -> Iterator[str]:
         raw_index = _split_index(index, self.every, self.heldout)
@@ -106,6 +103,30 @@ class FileDocuments(Documents):
         for _ in range(raw_index):
             next(raw, None)
         return _split_filter(raw, raw_index, self.every, self.heldout)
+
+
+def _text(data: bytes, where: str) -> str:
+    """UTF-8 text, or a ConfigError naming the file: a binary file is not a corpus."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"data.corpus: {where} is not UTF-8 text (byte {exc.start}: "
+                          f"{exc.reason}); is it a binary file?") from None
+    if "\x00" in text:
+        raise ConfigError(f"data.corpus: {where} holds NUL bytes; is it a binary file?")
+    return text
+
+
+def _json_text(line: str, text_field: str, where: str) -> str:
+    try:
+        text = json.loads(line)[text_field]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ConfigError(f"data.corpus: {where}: not a JSON object with a {text_field!r} field "
+                          f"(data.text_field) ({type(exc).__name__}: {exc})") from None
+    if not isinstance(text, str):
+        raise ConfigError(f"data.corpus: {where}: {text_field!r} is a "
+                          f"{type(text).__name__}, not text")
+    return text
 
 
 def _check_parquet_column(path: Path, text_field: str) -> None:
@@ -171,6 +192,31 @@ def make_documents(cfg: DataConfig, heldout: bool) -> Documents:
     if cfg.corpus.startswith("hf:"):
         return HFDocuments(cfg.corpus[3:], cfg.split, cfg.text_field, cfg.heldout_every, heldout)
     return FileDocuments(cfg.corpus, cfg.text_field, cfg.heldout_every, heldout)
+
+
+def check_corpus(cfg: DataConfig) -> None:
+    """Read the corpus up to its first non-empty training and held-out documents, so a corpus
+    that cannot give both (empty, binary, a missing .jsonl field, too few documents for the
+    held-out split, a Hugging Face dataset out of reach) is one ConfigError before any model
+    loads. Later documents are checked as they are read."""
+    if cfg.corpus == "toy":
+        return
+    for heldout in (False, True):
+        split = "held-out" if heldout else "training"
+        try:
+            first = next((t for t in make_documents(cfg, heldout).iter_from(0) if t.strip()),
+                         None)
+        except ConfigError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - datasets/hub errors share no base class
+            raise ConfigError(f"data.corpus {cfg.corpus!r}: cannot read its {split} documents "
+                              f"({type(exc).__name__}: {exc})") from None
+        if first is None:
+            raise ConfigError(
+                f"data.corpus {cfg.corpus!r} has no non-empty {split} document: every "
+                f"data.heldout_every-th ({cfg.heldout_every}) document, the first included, is "
+                "held out, so a corpus needs at least 2 (a .txt file is one document; a .jsonl "
+                "line or a Parquet row is one)")
 
 
 def bos_id(tokenizer: PreTrainedTokenizerBase) -> int:

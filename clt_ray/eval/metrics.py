@@ -44,8 +44,9 @@ from torch import Tensor, nn
 from clt_ray.config import HOOK_PAIRS
 from clt_ray.data import heldout_windows
 from clt_ray.lm import d_model, hook_module, keep_mask, load_model, n_layers
+from clt_ray.lm.loading import check_device
 from clt_ray.nn.clt import CrossLayerTranscoder, batchtopk_mask, sparse_rows_matmul, topk_mask
-from clt_ray.train.checkpoint import CheckpointError, load_checkpoint
+from clt_ray.train.checkpoint import CheckpointError, Log, load_checkpoint
 
 SPARSE_DECODE_MAX_DENSITY = 0.05
 """At or below this fraction of active features, splice decoding gathers the active decoder rows
@@ -461,18 +462,24 @@ def evaluate_checkpoint(
     batch_size: int | None = None,
     device: str | None = None,
     splice: bool = True,
+    log: Log | None = None,
 ) -> dict[str, Any]:
-    """`evaluate` for a checkpoint (or run folder: its latest) on held-out windows of the corpus in
-    its run config (other documents than training), with the LM named there. tokens: held-out
-    tokens to draw (default the config's data.heldout_tokens); batches: at most this many batches
-    of batch_size windows (default data.lm_batch_size); device: for the LM and the CLT (default
-    the config's model.device). Training dead-feature counters come from the checkpoint."""
-    loaded = load_checkpoint(path)
+    """`evaluate` for a checkpoint (or run folder: its newest usable one) on held-out windows of
+    the corpus in its run config (other documents than training), with the LM named there.
+    tokens: held-out tokens to draw (default the config's data.heldout_tokens); batches: at most
+    this many batches of batch_size windows (default data.lm_batch_size); device: for the LM and
+    the CLT (default the config's model.device; checked first). Training dead-feature counters
+    come from the checkpoint. log: where lines about skipped damaged checkpoints go (default:
+    a logging warning)."""
+    if device is not None:
+        check_device(device)
+    loaded = load_checkpoint(path, log=log)
     cfg = loaded.config
     if cfg is None:
         raise CheckpointError(f"{loaded.path}: saved without its run config, so the model and "
                               "held-out data are unknown")
     model_cfg = cfg.model.model_copy(update={"device": device}) if device else cfg.model
+    check_device(model_cfg.device)
     clt = loaded.model.to(model_cfg.device)
     model, tokenizer = load_model(model_cfg)
     ids, mask = heldout_windows(tokenizer, cfg.data, tokens)

@@ -41,6 +41,28 @@ def to_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
+class DeviceError(CltRayError, ValueError):
+    """A device name torch does not know, or a device this machine does not have."""
+
+
+def check_device(name: str | torch.device) -> torch.device:
+    """The torch device `name` names, checked to exist here before any model is loaded on it:
+    torch's own errors come late, as tracebacks, after the weights were read."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise DeviceError(f"device {str(name)!r} is not a torch device") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise DeviceError(f"device {name} asked for but torch sees no CUDA device")
+        if device.index is not None and device.index >= count:
+            raise DeviceError(f"device {name} asked for but torch sees {count} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError(f"device {name} asked for but torch sees no MPS device")
+    return device
+
+
 def _offline() -> bool:
     return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
                for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))

@@ -14,30 +14,42 @@ Layout of one checkpoint folder (written under a temporary name, fsynced, then r
                                   RNG states as uint8 tensors (rng.torch, rng.cuda.{i})
 
 A sharded checkpoint (Ray shard workers write in parallel, `save_checkpoint_shard`) has the same
-files inside `shard_SSS/` folders, each holding its feature rows, plus `sizes.json`; its manifest
-lists the ranges under `shards`. The reader joins rows across folders, so both kinds load alike.
+files inside `shard_SSS/` folders, each holding its feature rows, plus `sha256.json` and
+`sizes.json` (written last); its manifest lists the ranges under `shards`. The reader joins rows
+across folders, so both kinds load alike.
+
+Integrity: the manifest (a shard: its sizes.json / sha256.json) records every file's size and
+sha256. Listing a run's checkpoints checks sizes only (cheap); loading checks the sha256 of each
+file whose data it reads and every tensor's shape against the manifest's CLT config, so a truncated,
+missing, changed or mislabelled file is a `DamagedCheckpoint` naming it — never a silently
+different CLT. Checkpoints written before sha256 was recorded load with the size check alone.
 
 Weights are stored as trained (normalised space); export folds the scales in. Every per-feature
 tensor has features on dim 0, so `load_checkpoint(path, start, stop)` reads rows [start, stop) of
 each (safetensors slices: only those bytes are read) — a Ray trainer reslices a checkpoint for any
 shard count. A run folder keeps its checkpoints in `checkpoints/step_<step>`; `resolve_checkpoint`
-turns a run folder into its latest complete checkpoint. Nothing is pickled.
+turns a run folder into its latest usable checkpoint, saying which newer ones it skipped and
+why (`latest_checkpoint` gives both to callers with their own log). Nothing is pickled.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import re
 import shutil
 import time
 from collections import defaultdict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -51,12 +63,22 @@ FORMAT = "clt-ray-checkpoint"
 VERSION = 1
 MANIFEST = layout.CHECKPOINT_MANIFEST
 CHECKPOINTS = layout.CHECKPOINTS
+SHARD_SHA256 = "sha256.json"
 MOMENTS = ("exp_avg", "exp_avg_sq")
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_PER_LAYER_KEY = re.compile(r"^(W_enc|b_enc|log_threshold|b_dec|W_dec|tokens_since_fired)_(\d+)$")
+
+logger = logging.getLogger(__name__)
+Log = Callable[[str], None]
 
 
 class CheckpointError(CltRayError):
     """A checkpoint that is missing, incomplete or of another format."""
+
+
+class DamagedCheckpoint(CheckpointError):
+    """A checkpoint whose files disagree with its manifest (missing, truncated, changed, of other
+    shapes) or whose manifest is unreadable: a run folder's loaders skip it for an older one."""
 
 
 @dataclass
@@ -214,8 +236,19 @@ def _write_files(root: Path, model: CrossLayerTranscoder, moments: Any, state: T
     return files
 
 
-def _sizes(root: Path) -> dict[str, int]:
-    return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*.safetensors"))}
+def _sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _digests(root: Path) -> tuple[dict[str, int], dict[str, str]]:
+    """(size, sha256) of every safetensors file under root by relative path; hashed in threads
+    (hashlib releases the GIL), from the page cache the files were just written through."""
+    files = sorted(root.rglob("*.safetensors"))
+    names = [str(p.relative_to(root)) for p in files]
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        hashes = list(pool.map(_sha256, files))
+    return ({n: p.stat().st_size for n, p in zip(names, files)}, dict(zip(names, hashes)))
 
 
 def _manifest(model: CrossLayerTranscoder, state: TrainingState, config: Any, adam_step: Any,
@@ -254,8 +287,8 @@ def save_checkpoint(
         files = _write_files(tmp, model, moments, state)
         shapes = {k: list(v.shape) for t in files.values() for k, v in t.items()}
         manifest = _manifest(model, state, config, adam_step, moments is not None, shapes)
-        sizes = _sizes(tmp)
-        manifest.update(files=sorted(sizes), sizes=sizes)
+        sizes, hashes = _digests(tmp)
+        manifest.update(files=sorted(sizes), sizes=sizes, sha256=hashes)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         _fsync_tree(tmp)
     return path
@@ -269,17 +302,19 @@ def save_checkpoint_shard(root: str | os.PathLike[str], model: CrossLayerTransco
                           optimizer: torch.optim.Optimizer, state: TrainingState, config: Any,
                           shards: list[tuple[int, int]]) -> None:
     """Write one feature shard's part of a sharded checkpoint into `root`: `shard_SSS/` with its
-    rows of every per-feature file (same names and keys as a whole checkpoint) and `sizes.json`,
-    written last; shard 0 also writes the manifest (with `shards`, the feature ranges). Every shard
-    writes in parallel — 4.0 s against 25.7 s for gathering to one writer at GPT-2 shape
-    (bench/sharding.py) — and the folders of all shards, merged (Ray Train's upload, or a shared
+    rows of every per-feature file (same names and keys as a whole checkpoint), `sha256.json`,
+    and `sizes.json` written last; shard 0 also writes the manifest (with `shards`, the feature
+    ranges). Every shard writes in parallel — 4.0 s against 25.7 s for gathering to one writer
+    at GPT-2 shape (bench/sharding.py) — and the folders of all shards, merged (Ray Train's upload, or a shared
     filesystem), are one checkpoint that `load_checkpoint` reads for any feature range."""
     index = shards.index((model.start, model.stop))
     root = Path(root)
     adam_step, moments = adam_moments(model, optimizer)
     part = root / shard_dir(index)
     files = _write_files(part, model, moments, state, rng=index == 0)
-    (part / layout.SHARD_SIZES).write_text(json.dumps(_sizes(part)))
+    sizes, hashes = _digests(part)
+    (part / SHARD_SHA256).write_text(json.dumps(hashes))
+    (part / layout.SHARD_SIZES).write_text(json.dumps(sizes))
     if index == 0:
         F = model.cfg.n_features
         shapes = {k: [F if i == _row_dim(k) else n for i, n in enumerate(v.shape)]
@@ -294,6 +329,73 @@ def _row_dim(key: str) -> int | None:
     return None if key.startswith("b_dec") else 0
 
 
+# --- integrity ---------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object of a checkpoint (manifest, a shard's sizes.json), or DamagedCheckpoint."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DamagedCheckpoint(f"{path}: missing") from None
+    except (OSError, ValueError) as exc:
+        raise DamagedCheckpoint(f"{path}: unreadable ({exc})") from None
+    if not isinstance(data, dict):
+        raise DamagedCheckpoint(f"{path}: not a JSON object")
+    return data
+
+
+def _recorded(root: Path, manifest: dict[str, Any]) -> dict[str, tuple[int | None, str | None]]:
+    """(size, sha256) recorded for each file of a checkpoint, by path relative to it; None where
+    not recorded (checkpoints written before sha256, or before sizes, were recorded)."""
+    if "shards" not in manifest:
+        sizes = manifest.get("sizes") or dict.fromkeys(manifest.get("files", []))
+        hashes = manifest.get("sha256") or {}
+        return {name: (size, hashes.get(name)) for name, size in sizes.items()}
+    out = {}
+    for i in range(len(manifest["shards"])):
+        part = root / shard_dir(i)
+        sizes = _read_json(part / layout.SHARD_SIZES)
+        hashes = _read_json(part / SHARD_SHA256) if (part / SHARD_SHA256).is_file() else {}
+        out.update({f"{shard_dir(i)}/{name}": (size, hashes.get(name))
+                    for name, size in sizes.items()})
+    return out
+
+
+def _check_file(path: Path, size: int | None, sha256: str | None) -> None:
+    """DamagedCheckpoint unless `path` is a file of the recorded size (and sha256, when given)."""
+    if not path.is_file():
+        raise DamagedCheckpoint(f"{path}: missing")
+    actual = path.stat().st_size
+    if size is not None and actual != size:
+        raise DamagedCheckpoint(f"{path}: {actual} bytes, but {size} were recorded when it was "
+                                "saved (truncated or rewritten)")
+    if sha256 is not None and (digest := _sha256(path)) != sha256:
+        raise DamagedCheckpoint(f"{path}: sha256 {digest[:12]}… differs from the {sha256[:12]}… "
+                                "recorded when it was saved (its bytes changed)")
+
+
+def check_checkpoint(path: str | os.PathLike[str], *, verify: bool = False) -> dict[str, Any]:
+    """The manifest of a checkpoint folder whose listed files are all there with their recorded
+    sizes (verify=True: and sha256, which reads every file); else DamagedCheckpoint naming the file
+    and what is wrong."""
+    path = Path(path)
+    manifest = _read_json(path / MANIFEST)
+    for name, (size, digest) in _recorded(path, manifest).items():
+        _check_file(path / name, size, digest if verify else None)
+    return manifest
+
+
+def is_complete(path: Path) -> bool:
+    """A checkpoint folder whose manifest is there and every file it lists has its recorded size
+    (a copy in progress — e.g. Ray Train persisting it into the run folder — is not complete)."""
+    try:
+        check_checkpoint(path)
+    except DamagedCheckpoint:
+        return False
+    return True
+
+
 # --- finding checkpoints -----------------------------------------------------------------------
 
 
@@ -301,49 +403,74 @@ def checkpoint_path(run_dir: str | os.PathLike[str], step: int) -> Path:
     return Path(run_dir) / CHECKPOINTS / layout.checkpoint_name(step)
 
 
-def is_complete(path: Path) -> bool:
-    """A checkpoint folder whose manifest is there and every file it lists has its recorded size
-    (a copy in progress — e.g. Ray Train persisting it into the run folder — is not complete)."""
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-        if "shards" in manifest:  # every shard's folder, each with its sizes.json
-            sizes = {}
-            for i in range(len(manifest["shards"])):
-                part = json.loads((path / shard_dir(i) / layout.SHARD_SIZES).read_text())
-                sizes.update({f"{shard_dir(i)}/{name}": n for name, n in part.items()})
-        else:
-            sizes = manifest.get("sizes") or {f: None for f in manifest.get("files", [])}
-    except (OSError, ValueError):
-        return False
-    for name, size in sizes.items():
-        f = path / name
-        if not f.is_file() or (size is not None and f.stat().st_size != size):
-            return False
-    return True
-
-
-def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[Path]:
-    """A run folder's complete checkpoints (those with a manifest), oldest first."""
+def _step_dirs(run_dir: str | os.PathLike[str]) -> list[Path]:
+    """Every `checkpoints/step_*` folder of a run, complete or not, oldest first."""
     root = Path(run_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir()
-             if (m := _STEP_DIR.match(p.name)) and is_complete(p)]
+             if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found)]
 
 
-def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
-    """A checkpoint folder as is, or a run folder's latest checkpoint."""
+def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[Path]:
+    """A run folder's complete checkpoints (manifest, every file of its recorded size), oldest
+    first."""
+    return [p for p in _step_dirs(run_dir) if is_complete(p)]
+
+
+def latest_checkpoint(run_dir: str | os.PathLike[str], *, verify: bool = False
+                      ) -> tuple[Path | None, list[str]]:
+    """(the newest usable checkpoint of a run folder or None, one line per newer one skipped
+    saying why). Usable: its manifest reads and every file has its recorded size — and with
+    verify=True its sha256 (reads every file once: what a resume wants before training on it)."""
+    skipped = []
+    for path in reversed(_step_dirs(run_dir)):
+        try:
+            check_checkpoint(path, verify=verify)
+        except DamagedCheckpoint as exc:
+            skipped.append(_skip_line(path, exc))
+            continue
+        return path, skipped
+    return None, skipped
+
+
+def _skip_line(path: Path, exc: Exception) -> str:
+    return f"skipping checkpoint {path.name}: {exc}"
+
+
+def _report(skipped: list[str], used: Path | None, log: Log | None) -> None:
+    """Say which newer checkpoints were skipped and which one is used (nothing when none was)."""
+    if not skipped:
+        return
+    log = log or logger.warning
+    for line in skipped:
+        log(line)
+    if used is not None:
+        log(f"using {used}, the newest usable checkpoint")
+
+
+def _no_checkpoint(path: Path, skipped: list[str]) -> CheckpointError:
+    if not path.exists():
+        return CheckpointError(f"{path} does not exist")
+    if skipped:
+        return CheckpointError(f"{path} has no usable checkpoint under {CHECKPOINTS}/ (every one "
+                               f"is damaged; newest: {skipped[0]})")
+    return CheckpointError(f"{path} is neither a checkpoint (no {MANIFEST}) nor a run folder "
+                           f"with complete checkpoints under {CHECKPOINTS}/")
+
+
+def resolve_checkpoint(path: str | os.PathLike[str], *, log: Log | None = None) -> Path:
+    """A checkpoint folder as is, or a run folder's newest usable checkpoint (`latest_checkpoint`;
+    each newer one skipped is a line to `log`, default a logging warning)."""
     path = Path(path)
     if (path / MANIFEST).is_file():
         return path
-    found = list_checkpoints(path)
-    if found:
-        return found[-1]
-    if not path.exists():
-        raise CheckpointError(f"{path} does not exist")
-    raise CheckpointError(f"{path} is neither a checkpoint (no {MANIFEST}) nor a run folder "
-                          f"with complete checkpoints under {CHECKPOINTS}/")
+    found, skipped = latest_checkpoint(path)
+    _report(skipped, found, log)
+    if found is None:
+        raise _no_checkpoint(path, skipped)
+    return found
 
 
 def prune_checkpoints(run_dir: str | os.PathLike[str], keep: int) -> None:
@@ -352,12 +479,9 @@ def prune_checkpoints(run_dir: str | os.PathLike[str], keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
-    path = resolve_checkpoint(path)
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}/{MANIFEST}: unreadable ({exc})") from None
+def read_manifest(path: str | os.PathLike[str], *, log: Log | None = None) -> dict[str, Any]:
+    path = resolve_checkpoint(path, log=log)
+    manifest = _read_json(path / MANIFEST)
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a clt-ray checkpoint (format {manifest.get('format')!r})")
     if manifest.get("version") != VERSION:
@@ -375,14 +499,36 @@ class _Uninitialised(CrossLayerTranscoder):
         pass
 
 
-class _Reader:
-    """Reads keys of a checkpoint's safetensors files, features [start, stop) of per-feature ones."""
+def _expected_shape(cfg: CLTConfig, key: str) -> list[int] | None:
+    """The whole CLT's shape of a checkpoint tensor by its key (Adam moments: their parameter's);
+    None for keys without one (RNG states)."""
+    base = key.split(".")[0]
+    if base in ("s_in", "s_out"):
+        return [cfg.n_layers]
+    m = _PER_LAYER_KEY.match(base)
+    if m is None:
+        return None
+    F, d, L, name = cfg.n_features, cfg.d_model, cfg.n_layers, m.group(1)
+    return {"W_enc": [F, d], "W_dec": [F, L - int(m.group(2)), d], "b_dec": [d]}.get(name, [F])
 
-    def __init__(self, root: Path, start: int, stop: int,
-                 shards: list[list[int]] | None = None) -> None:
-        self.root, self.start, self.stop = root, start, stop
-        self.shards = shards  # a sharded checkpoint's feature ranges, one folder each
-        self._open: dict[str, Any] = {}
+
+class _Reader:
+    """Reads keys of a checkpoint's safetensors files, features [start, stop) of per-feature ones.
+
+    Each file is checked against its recorded size when opened and its sha256 before its data is
+    first read (a shard whose rows are not needed is not hashed), and each tensor's shape (rows
+    joined across shards) against the manifest's CLT config and recorded shapes before it is read:
+    slicing rows of a tensor of another shape would silently give another CLT."""
+
+    def __init__(self, root: Path, manifest: dict[str, Any], cfg: CLTConfig, start: int,
+                 stop: int) -> None:
+        self.root, self.cfg, self.start, self.stop = root, cfg, start, stop
+        self.shards = manifest.get("shards")  # a sharded checkpoint's ranges, one folder each
+        self.recorded = _recorded(root, manifest)
+        self.shapes = manifest.get("shapes") or {}
+        self._open: dict[Path, Any] = {}
+        self._hashed: set[Path] = set()
+        self._checked: set[tuple[str, str]] = set()
 
     def path(self, file: str, shard: int | None = None) -> Path:
         """Where `file` is: in the checkpoint folder, or in a shard's folder (shard 0 by default
@@ -391,30 +537,76 @@ class _Reader:
             return self.root / file
         return self.root / shard_dir(shard or 0) / file
 
+    def has(self, file: str) -> bool:
+        """Whether the checkpoint has `file` (recorded in its manifest, or there)."""
+        path = self.path(file)
+        return str(path.relative_to(self.root)) in self.recorded or path.is_file()
+
+    def _record(self, path: Path) -> tuple[int | None, str | None]:
+        return self.recorded.get(str(path.relative_to(self.root)), (None, None))
+
     def _handle(self, file: str, shard: int | None = None) -> Any:
         path = self.path(file, shard)
         if path not in self._open:
-            if not path.is_file():
-                raise CheckpointError(f"{self.root}: missing {path.relative_to(self.root)}")
-            self._open[path] = safe_open(str(path), framework="pt", device="cpu")
+            _check_file(path, self._record(path)[0], None)
+            try:
+                self._open[path] = safe_open(str(path), framework="pt", device="cpu")
+            except SafetensorError as exc:
+                raise DamagedCheckpoint(f"{path}: not a readable safetensors file ({exc})") from None
         return self._open[path]
 
+    def keys(self, file: str) -> set[str]:
+        return set(self._handle(file).keys())
+
     def _tensor(self, file: str, key: str, shard: int | None = None) -> Any:
+        """The open file holding `key` (checked there)."""
         f = self._handle(file, shard)
         if key not in f.keys():  # noqa: SIM118 - safe_open is not a dict
-            raise CheckpointError(f"{self.path(file, shard)}: missing tensor {key}")
+            raise DamagedCheckpoint(f"{self.path(file, shard)}: missing tensor {key}")
         return f
 
+    def _slice(self, file: str, key: str, shard: int | None = None) -> Any:
+        return self._tensor(file, key, shard).get_slice(key)
+
+    def _data(self, file: str, key: str, shard: int | None = None) -> Any:
+        """The open file holding `key`, its bytes checked against the recorded sha256."""
+        f, path = self._tensor(file, key, shard), self.path(file, shard)
+        if path not in self._hashed:
+            _check_file(path, *self._record(path))
+            self._hashed.add(path)
+        return f
+
+    def _check_shape(self, file: str, key: str, rows: bool) -> None:
+        if (file, key) in self._checked:
+            return
+        if self.shards is None or not rows:
+            shape = list(self._slice(file, key).get_shape())
+        else:  # each shard holds its range's rows; joined, they are the whole tensor
+            parts = [list(self._slice(file, key, i).get_shape()) for i in range(len(self.shards))]
+            for i, ((a, b), part) in enumerate(zip(self.shards, parts)):
+                if not part or part[0] != b - a or part[1:] != parts[0][1:]:
+                    raise DamagedCheckpoint(
+                        f"{self.path(file, i)}: tensor {key} has shape {part}, but the manifest "
+                        f"gives this shard features [{a}, {b}) of shape {[b - a] + parts[0][1:]}")
+            shape = [sum(p[0] for p in parts)] + parts[0][1:]
+        for want, source in ((_expected_shape(self.cfg, key), "the manifest's CLT config"),
+                             (self.shapes.get(key.split(".")[0]), "the manifest's shapes")):
+            if want is not None and shape != list(want):
+                raise DamagedCheckpoint(f"{self.path(file)}: tensor {key} has shape {shape}, but "
+                                        f"{source} gives {list(want)}")
+        self._checked.add((file, key))
+
     def get(self, file: str, key: str, rows: bool = True) -> Tensor:
+        self._check_shape(file, key, rows)
         if not rows:
-            return self._tensor(file, key).get_tensor(key)
+            return self._data(file, key).get_tensor(key)
         if self.shards is None:
-            return self._tensor(file, key).get_slice(key)[self.start : self.stop]
+            return self._data(file, key).get_slice(key)[self.start : self.stop]
         parts = []
         for i, (a, b) in enumerate(self.shards):
             lo, hi = max(self.start, a), min(self.stop, b)
             if lo < hi:  # only the rows [start, stop) needs are read
-                parts.append(self._tensor(file, key, i).get_slice(key)[lo - a : hi - a])
+                parts.append(self._data(file, key, i).get_slice(key)[lo - a : hi - a])
         return torch.cat(parts)
 
     def model_layout(self, prefix: str, n_layers: int, jumprelu: bool, suffix: str = ""
@@ -441,19 +633,60 @@ def load_checkpoint(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     optimizer: bool = False,
+    log: Log | None = None,
 ) -> LoadedCheckpoint:
-    """(model, training state, manifest) from a checkpoint folder or a run folder (its latest).
+    """(model, training state, manifest) from a checkpoint folder or a run folder (its newest
+    usable checkpoint).
 
     `start`/`stop` pick the feature range [start, stop) of every layer (default: the whole CLT);
-    dead-feature counters and (with optimizer=True) Adam moments come for the same range."""
-    manifest = read_manifest(path)
-    root = Path(manifest["path"])
-    cfg = CLTConfig.model_validate(manifest["clt"])
+    dead-feature counters and (with optimizer=True) Adam moments come for the same range. Every
+    file read is checked against its recorded size and sha256 and every tensor against the
+    manifest's shapes: a damaged checkpoint named explicitly is a DamagedCheckpoint naming the file
+    and what is wrong; in a run folder it is skipped for the next older one, with a line to `log`
+    (default: a logging warning) saying why."""
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        check_checkpoint(path)
+        return _load(path, start, stop, device=device, dtype=dtype, optimizer=optimizer)
+    skipped: list[str] = []
+    for candidate in reversed(_step_dirs(path)):
+        try:
+            check_checkpoint(candidate)
+            loaded = _load(candidate, start, stop, device=device, dtype=dtype,
+                           optimizer=optimizer)
+        except DamagedCheckpoint as exc:
+            skipped.append(_skip_line(candidate, exc))
+            continue
+        _report(skipped, candidate, log)
+        return loaded
+    _report(skipped, None, log)
+    raise _no_checkpoint(path, skipped)
+
+
+def _check_shards(root: Path, shards: list[list[int]], n_features: int) -> None:
+    """A sharded checkpoint's ranges must tile [0, n_features): rows are read by range."""
+    ends = [0] + [b for _, b in shards]
+    if [a for a, _ in shards] != ends[:-1] or ends[-1] != n_features or any(
+            a >= b for a, b in shards):
+        raise DamagedCheckpoint(f"{root / MANIFEST}: shards {shards} do not tile the "
+                                f"{n_features} features of its CLT config")
+
+
+def _load(root: Path, start: int, stop: int | None, *, device: torch.device | str,
+          dtype: torch.dtype, optimizer: bool) -> LoadedCheckpoint:
+    """load_checkpoint of one checkpoint folder."""
+    manifest = read_manifest(root)
+    try:
+        cfg = CLTConfig.model_validate(manifest["clt"])
+    except (KeyError, ValueError) as exc:
+        raise DamagedCheckpoint(f"{root / MANIFEST}: no valid CLT config ({exc})") from None
     stop = cfg.n_features if stop is None else stop
     if not 0 <= start < stop <= cfg.n_features:
         raise ValueError(f"feature range [{start}, {stop}) is not inside [0, {cfg.n_features})")
+    if manifest.get("shards") is not None:
+        _check_shards(root, manifest["shards"], cfg.n_features)
     L, jumprelu = cfg.n_layers, cfg.activation == "jumprelu"
-    reader = _Reader(root, start, stop, manifest.get("shards"))
+    reader = _Reader(root, manifest, cfg, start, stop)
 
     model = _Uninitialised(cfg, start, stop, device=device, dtype=dtype)
     model.__class__ = CrossLayerTranscoder
@@ -466,10 +699,10 @@ def load_checkpoint(
     state = TrainingState(step=manifest["step"], total_steps=manifest.get("total_steps"),
                           tokens=manifest.get("tokens", 0), data=manifest.get("data"),
                           extra=manifest.get("extra") or {})
-    if reader.path(layout.CHECKPOINT_STATE).is_file():
-        with safe_open(str(reader.path(layout.CHECKPOINT_STATE)), framework="pt", device="cpu") as f:
-            keys = set(f.keys())
-            state.rng = {k[4:]: f.get_tensor(k) for k in keys if k.startswith("rng.")}
+    if reader.has(layout.CHECKPOINT_STATE):
+        keys = reader.keys(layout.CHECKPOINT_STATE)
+        state.rng = {k[4:]: reader.get(layout.CHECKPOINT_STATE, k, rows=False)
+                     for k in keys if k.startswith("rng.")}
         if "tokens_since_fired_0" in keys:
             state.tokens_since_fired = torch.stack(
                 [reader.get(layout.CHECKPOINT_STATE, f"tokens_since_fired_{l}") for l in range(L)])

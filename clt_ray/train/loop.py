@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import signal
@@ -24,6 +25,7 @@ from tqdm.auto import tqdm
 from clt_ray import layout
 from clt_ray.config import Config, LossConfig, OptimConfig, TrainConfig
 from clt_ray.data import ActivationSource, take_tokens
+from clt_ray.errors import CltRayError
 from clt_ray.eval.metrics import ReconstructionStats, dead_features
 from clt_ray.fsutil import atomic_write_text
 from clt_ray.nn.clt import CrossLayerTranscoder
@@ -66,20 +68,46 @@ def _sink_tensorboard(run_dir: Path) -> Any:
 class MetricsFile:
     """run_dir/metrics.jsonl, the one writer of it: the single process's trainer and the Ray
     driver (which receives rank 0's records) append here; a resumed or restarted run first drops
-    the records a lost attempt wrote after its checkpoint."""
+    the records a lost attempt wrote after its checkpoint.
 
-    def __init__(self, run_dir: str | os.PathLike[str]) -> None:
+    A crash can leave the last line half-written: `truncate_after` drops such a torn tail and
+    says so (to `log`, default a logging warning); an unreadable line before the last is an error
+    naming the file and line, since dropping it would lose records silently."""
+
+    def __init__(self, run_dir: str | os.PathLike[str],
+                 log: Callable[[str], None] | None = None) -> None:
         self.path = Path(run_dir) / layout.METRICS
+        self.log = log or logging.getLogger(__name__).warning
 
     def append(self, *records: dict[str, Any]) -> None:
         with self.path.open("a") as f:
             f.writelines(json.dumps(rec) + "\n" for rec in records)
 
+    def records(self) -> list[tuple[str, dict[str, Any]]]:
+        """(line, record) of every line, a torn last line dropped (and said)."""
+        lines = [(n, line) for n, line in enumerate(self.path.read_text().splitlines(), 1)
+                 if line.strip()]
+        out = []
+        for i, (n, line) in enumerate(lines):
+            try:
+                rec = json.loads(line)
+                why = "" if isinstance(rec, dict) else "not a JSON object"
+            except ValueError as exc:
+                why = str(exc)
+            if not why:
+                out.append((line, rec))
+            elif i == len(lines) - 1:
+                self.log(f"{self.path}: dropped its torn last line {n} (a write cut short by a "
+                         f"crash): {line[:60]!r}")
+            else:
+                raise CltRayError(f"{self.path}, line {n}: not a JSON record ({why}); fix or "
+                                  "remove that line")
+        return out
+
     def truncate_after(self, step: int) -> None:
         if not self.path.is_file():
             return
-        keep = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        keep = [line for line, rec in self.records() if rec.get("step", 0) <= step]
         atomic_write_text(self.path, "".join(line + "\n" for line in keep))
 
 

@@ -20,15 +20,15 @@ import torch
 from torch import Tensor
 
 from clt_ray import layout
-from clt_ray.cache.store import CacheBlocks, open_cache
+from clt_ray.cache.store import CacheBlocks, check_files
 from clt_ray.config import CLTConfig, Config, dump_config
 from clt_ray.data import (
     Batch,
     BlockStream,
     ShuffledSource,
+    check_corpus,
     heldout_windows,
     lm_blocks,
-    make_documents,
     split_batches,
     window_activations,
 )
@@ -36,10 +36,11 @@ from clt_ray.errors import CltRayError, ConfigError
 from clt_ray.eval import metrics
 from clt_ray.fsutil import atomic_write_text
 from clt_ray.lm import load_model
-from clt_ray.lm.loading import model_dims
+from clt_ray.lm.loading import DeviceError, check_device, model_dims
 from clt_ray.nn.clt import CrossLayerTranscoder
 from clt_ray.train.checkpoint import (
     TrainingState,
+    latest_checkpoint,
     list_checkpoints,
     read_manifest,
 )
@@ -64,6 +65,7 @@ class RunResult:
     metrics: dict[str, Any]  # the final held-out evaluation (metrics.evaluate)
     seconds: float
     checkpoint: Path | None
+    interrupted: bool = False  # stopped early by Ctrl-C (after its checkpoint)
 
 
 # --- check and open ------------------------------------------------------------------------------
@@ -84,17 +86,14 @@ def check_config(cfg: Config) -> CLTConfig:
         raise ConfigError(f"data.context_size {cfg.data.context_size} exceeds the model's "
                           f"{max_pos} positions")
     for key, dev in (("model.device", cfg.model.device), ("train.device", cfg.train.device)):
-        if dev is None:
-            continue
-        try:
-            d = torch.device(dev)
-        except RuntimeError as exc:
-            raise ConfigError(f"{key}: {exc}") from None
-        if d.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"{key}: {dev!r}, but CUDA is not available here")
-    make_documents(cfg.data, heldout=False)  # a missing corpus file fails now
+        if dev is not None:
+            try:
+                check_device(dev)
+            except DeviceError as exc:
+                raise ConfigError(f"{key}: {exc}") from None
+    check_corpus(cfg.data)  # a corpus without training or held-out text fails now
     if cfg.data.source == "cache":
-        manifest = open_cache(cfg.data.cache)[2]
+        manifest = check_files(cfg.data.cache)
         manifest.check_matches(model=cfg.model.name, input_hook=cfg.model.input_hook,
                                output_hook=cfg.model.output_hook, layers=n_layers,
                                d_model=d_model)
@@ -103,14 +102,20 @@ def check_config(cfg: Config) -> CLTConfig:
     return clt_cfg
 
 
-def prepare_run_dir(run_dir: Path, resume: bool) -> Path | None:
-    """The checkpoint to resume (None for a fresh run); refuses to start over a run's
-    checkpoints, and to resume where there are none."""
-    found = list_checkpoints(run_dir)
+def prepare_run_dir(run_dir: Path, resume: bool, log: Callable[[str], None] = print
+                    ) -> Path | None:
+    """The checkpoint to resume (None for a fresh run): the newest whose every file has its
+    recorded sha256, saying which newer ones were skipped and why; refuses to start over a run's
+    checkpoints, and to resume where there is none."""
     if resume:
-        if not found:
-            raise CltRayError(f"--resume: {run_dir} has no checkpoint to resume from")
-        return found[-1]
+        ckpt, skipped = latest_checkpoint(run_dir, verify=True)
+        for line in skipped:
+            log(line)
+        if ckpt is None:
+            raise CltRayError(f"--resume: {run_dir} has no "
+                              f"{'usable ' if skipped else ''}checkpoint to resume from")
+        return ckpt
+    found = list_checkpoints(run_dir)
     if found:
         raise CltRayError(f"{run_dir} already holds checkpoints (up to {found[-1].name}): pass "
                           "--resume to continue that run, or choose another --run-dir")
@@ -124,17 +129,21 @@ def open_run(cfg: Config, run_dir: Path, resume: bool, *, clt_cfg: CLTConfig | N
     metrics.jsonl is cut back to that checkpoint's step. Returns (the CLT config, the checkpoint
     or None)."""
     clt_cfg = clt_cfg or check_config(cfg)
-    ckpt = prepare_run_dir(run_dir, resume)
+    ckpt = prepare_run_dir(run_dir, resume, log)
     manifest = read_manifest(ckpt) if ckpt is not None else None
     if manifest is not None:
         saved = CLTConfig.model_validate(manifest["clt"])
         if saved != clt_cfg:
             raise ConfigError(f"the checkpoint {ckpt} holds a CLT {saved.model_dump()}, but the "
                               f"config describes {clt_cfg.model_dump()}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, run_dir / layout.RUN_CONFIG)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, run_dir / layout.RUN_CONFIG)
+    except OSError as exc:
+        raise CltRayError(f"cannot write the run folder {run_dir}: "
+                          f"{exc.strerror or exc}") from None
     if manifest is not None:  # drop what the lost run logged after its checkpoint
-        MetricsFile(run_dir).truncate_after(manifest["step"])
+        MetricsFile(run_dir, log=log).truncate_after(manifest["step"])
         log(f"resuming {ckpt} at step {manifest['step']} of {cfg.train.steps}")
     return clt_cfg, ckpt
 
@@ -268,4 +277,5 @@ def finish_run(cfg: Config, run_dir: Path, clt: CrossLayerTranscoder, state: Tra
                "seconds": round(seconds, 1), "interrupted": interrupted, **final}
     atomic_write_text(run_dir / layout.VIEWER_SUMMARY, json.dumps(summary, indent=1))
     found = list_checkpoints(run_dir)
-    return RunResult(run_dir, state.step, final, seconds, found[-1] if found else None)
+    return RunResult(run_dir, state.step, final, seconds, found[-1] if found else None,
+                     interrupted)

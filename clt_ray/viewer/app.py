@@ -1,19 +1,29 @@
 """The viewer's web app (Starlette): build-free HTML pages in static/ that fetch a small JSON API,
 circuit-tracer's graph frontend under /ct/, and the run's files read through `safe_path` only.
+`create_graphs_app` is that frontend alone at / over one `attribute` output folder (`clt-ray
+serve-graphs`), with the same guards, in place of circuit-tracer's own server (which serves any
+file on the machine and takes any Host header).
 
 Pages whose output is missing answer with a page naming the file and the command that makes it;
-errors are one-line messages, never tracebacks. `serve` binds 127.0.0.1 unless told otherwise.
+an output that cannot be read, with a page naming it relative to the run folder; bad query values
+are 400s; errors are one-line messages, never tracebacks or absolute paths. Servers bind
+127.0.0.1 unless told otherwise and answer only requests whose Host header names where they are
+bound (DNS rebinding).
 """
 
 from __future__ import annotations
 
 import html
 import logging
+import math
+import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.convertors import IntegerConvertor, register_url_convertor
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
@@ -22,9 +32,9 @@ from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Respon
 from starlette.routing import Route
 from typing_extensions import Self
 
-from clt_ray.viewer.data import SORTS, NotFound, RunData
+from clt_ray.viewer.data import SORTS, NotFound, RunData, Unreadable
 from clt_ray.viewer.frontend import assets_dir, index_html
-from clt_ray.viewer.paths import BadPath, Missing, RunPaths, safe_path
+from clt_ray.viewer.paths import BadPath, Missing, RunPaths, is_file, safe_path, shorten
 
 STATIC = Path(__file__).parent / "static"
 PAGE = """<!doctype html>
@@ -39,10 +49,27 @@ PAGE = """<!doctype html>
 """Every page: common.js draws the frame, the page's script fills <main> from the JSON API."""
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8050
+GRAPHS_PORT = 8032  # circuit-tracer's own default
+NAV = ("<nav class='top'><a href='/'>clt-ray viewer</a><a href='/features'>features</a>"
+       "<a href='/graphs'>graphs</a><a href='/training'>training</a></nav>")
+GRAPHS_NAV = "<nav class='top'><a href='/'>attribution graphs</a></nav>"
+JSON_PREFIXES = ("/api/", "/ct/data/", "/ct/graph_data/", "/data/", "/graph_data/")
+"""Paths whose errors are JSON (fetched by scripts), not pages."""
+INT_RANGE = (-(2**31), 2**31 - 1)
 LOCAL_HOSTS = ["127.0.0.1", "localhost", "[::1]", "::1"]
 FAVICON = (b"<svg xmlns='http://www.w3.org/2000/svg' viewBox='0 0 16 16'>"
            b"<circle cx='8' cy='8' r='6' fill='#e8590c'/></svg>")
 log = logging.getLogger("clt_ray.viewer")
+
+
+class SmallInt(IntegerConvertor):
+    """A path's layer or feature: at most 9 digits, so an int32 (Starlette's `int` takes any
+    number of digits, and Python refuses to parse over 4300: a 500)."""
+
+    regex = "[0-9]{1,9}"
+
+
+register_url_convertor("small_int", SmallInt())
 
 
 class BadRequest(ValueError):
@@ -50,17 +77,15 @@ class BadRequest(ValueError):
 
 
 def _wants_json(request: Request) -> bool:
-    return request.url.path.startswith("/api/")
+    return request.url.path.startswith(JSON_PREFIXES)
 
 
-def _page(title: str, body: str, status: int = 200) -> HTMLResponse:
+def _page(title: str, body: str, status: int = 200, nav: str = NAV) -> HTMLResponse:
     """A server-rendered page in the viewer's frame (missing outputs, errors)."""
     return HTMLResponse(
         f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)} · clt-ray</title>"
         "<link rel='icon' href='/favicon.ico'><link rel='stylesheet' href='/static/viewer.css'>"
-        "<nav class='top'><a href='/'>clt-ray viewer</a><a href='/features'>features</a>"
-        "<a href='/graphs'>graphs</a><a href='/training'>training</a></nav>"
-        f"<main><h1>{html.escape(title)}</h1>{body}</main>", status_code=status)
+        f"{nav}<main><h1>{html.escape(title)}</h1>{body}</main>", status_code=status)
 
 
 def missing_page(title: str, missing: Missing) -> HTMLResponse:
@@ -69,31 +94,116 @@ def missing_page(title: str, missing: Missing) -> HTMLResponse:
                         f"<pre>{html.escape(missing.command)}</pre></div>")
 
 
-def error_response(request: Request, status: int, message: str) -> Response:
+def error_response(request: Request, status: int, message: str, title: str | None = None
+                   ) -> Response:
     if _wants_json(request):
         return JSONResponse({"error": message}, status_code=status)
-    return _page({400: "Bad request", 404: "Not found"}.get(status, "Error"),
-                 f"<p class='error'>{html.escape(message)}</p>", status)
+    title = title or {400: "Bad request", 404: "Not found"}.get(status, "Error")
+    return _page(title, f"<p class='error'>{html.escape(message)}</p>", status,
+                 getattr(request.app.state, "nav", NAV))
 
 
 def _int(request: Request, name: str, default: int | None = None) -> int | None:
+    """Query parameter `name` as an int32 (BadRequest otherwise)."""
     raw = request.query_params.get(name)
     if raw in (None, ""):
         return default
     try:
-        return int(raw)
+        value = int(raw)
     except ValueError:
-        raise BadRequest(f"{name} must be an integer, got {raw!r}") from None
+        value = None
+    if value is None or not INT_RANGE[0] <= value <= INT_RANGE[1]:
+        raise BadRequest(f"{name} must be an integer from {INT_RANGE[0]} to {INT_RANGE[1]}, "
+                         f"got {shorten(raw)!r}")
+    return value
 
 
 def _float(request: Request, name: str) -> float | None:
+    """Query parameter `name` as a finite float (BadRequest for text, nan, inf, 1e400)."""
     raw = request.query_params.get(name)
     if raw in (None, ""):
         return None
     try:
-        return float(raw)
+        value = float(raw)
     except ValueError:
-        raise BadRequest(f"{name} must be a number, got {raw!r}") from None
+        value = math.nan
+    if not math.isfinite(value):
+        raise BadRequest(f"{name} must be a finite number, got {shorten(raw)!r}")
+    return value
+
+
+async def _on_not_found(request: Request, exc: Exception) -> Response:
+    return error_response(request, 404, str(exc))
+
+
+async def _on_bad_request(request: Request, exc: Exception) -> Response:
+    return error_response(request, 400, f"refused: {exc}" if isinstance(exc, BadPath)
+                          else str(exc))
+
+
+async def _on_unreadable(request: Request, exc: Exception) -> Response:
+    """An output that is there but unreadable: its file (relative to the run), its program."""
+    return error_response(request, 500, str(exc), "Unreadable output")
+
+
+async def _on_http(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    message = {404: f"no page at {shorten(request.url.path)}"}.get(exc.status_code,
+                                                                   str(exc.detail))
+    return error_response(request, exc.status_code, message)
+
+
+async def _on_error(request: Request, exc: Exception) -> Response:
+    """Anything else: logged with its traceback here, answered without it (an exception's text
+    may hold absolute or install paths)."""
+    log.error("viewer error on %s", shorten(request.url.path), exc_info=exc)
+    return error_response(request, 500, f"internal error ({type(exc).__name__}); the server's "
+                                        "log has the details")
+
+
+HANDLERS: dict[Any, Any] = {NotFound: _on_not_found, BadPath: _on_bad_request,
+                            BadRequest: _on_bad_request, Unreadable: _on_unreadable,
+                            HTTPException: _on_http, Exception: _on_error}
+
+
+def _app(routes: list[Route], allowed_hosts: list[str] | None, nav: str) -> Starlette:
+    """A Starlette app with the error handlers above and the Host allow-list (default: the
+    loopback names)."""
+    app = Starlette(routes=routes, exception_handlers=HANDLERS, middleware=[
+        Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts or LOCAL_HOSTS)])
+    app.state.nav = nav
+    return app
+
+
+def _frontend_routes(prefix: str, graphs: Path,
+                     guard: Callable[[], Response | None] = lambda: None) -> list[Route]:
+    """circuit-tracer's graph frontend under `prefix`: its index.html made offline, its scripts
+    and styles, and the graph files it fetches (data/, graph_data/) from the folder `graphs`,
+    each through `safe_path`. `guard` may answer a data request instead (a missing output)."""
+
+    def data(request: Request) -> Response:
+        return guard() or _file(graphs, request.path_params["path"])
+
+    def asset(request: Request) -> Response:
+        rel = request.path_params["path"]
+        if rel in ("", "index.html"):
+            return HTMLResponse(index_html())
+        if not rel.endswith((".js", ".css")):  # its other pages load scripts from the web
+            safe_path(assets_dir(), rel)  # a traversal is refused as one (400)
+            raise NotFound(f"no file {shorten(rel)}")
+        return _file(assets_dir(), rel)
+
+    return [Route(f"{prefix}/data/{{path:path}}", data),
+            Route(f"{prefix}/graph_data/{{path:path}}", data),
+            Route(f"{prefix}/{{path:path}}", asset)]
+
+
+def _static(request: Request) -> Response:
+    return _file(STATIC, request.path_params["path"])
+
+
+def _favicon(request: Request) -> Response:
+    return Response(FAVICON, media_type="image/svg+xml")
 
 
 def create_app(paths: RunPaths, allowed_hosts: list[str] | None = None) -> Starlette:
@@ -117,6 +227,7 @@ def create_app(paths: RunPaths, allowed_hosts: list[str] | None = None) -> Starl
     def features_page(request: Request) -> Response:
         if m := need("features"):
             return missing_page("Features", m)
+        data.check_features()  # Unreadable → a page naming the file
         return static_page("features")
 
     def feature_page(request: Request) -> Response:
@@ -129,13 +240,14 @@ def create_app(paths: RunPaths, allowed_hosts: list[str] | None = None) -> Starl
     def graphs_page(request: Request) -> Response:
         if m := need("graphs"):
             return missing_page("Attribution graphs", m)
+        data.graph_slugs()  # Unreadable → a page naming the file
         return static_page("graphs")
 
     def graph_page(request: Request) -> Response:
         if m := need("graphs"):
             return missing_page("Attribution graph", m)
-        if request.path_params["slug"] not in data.graph_slugs():
-            raise NotFound(f"no graph {request.path_params['slug']!r} in {paths.graph_metadata}")
+        if (slug := request.path_params["slug"]) not in data.graph_slugs():
+            raise NotFound(f"no graph {shorten(slug)!r} in {paths.show(paths.graph_metadata)}")
         return static_page("graph")
 
     def training_page(request: Request) -> Response:
@@ -192,90 +304,55 @@ def create_app(paths: RunPaths, allowed_hosts: list[str] | None = None) -> Starl
     def api_metrics(request: Request) -> Response:
         return api_missing("metrics") or JSONResponse(data.metrics())
 
-    # --- files -----------------------------------------------------------------------------
-
-    def static_file(request: Request) -> Response:
-        return _file(STATIC, request.path_params["path"])
-
-    def ct_asset(request: Request) -> Response:
-        rel = request.path_params["path"]
-        if rel in ("", "index.html"):
-            return HTMLResponse(index_html())
-        if not rel.endswith((".js", ".css")):  # its other pages load scripts from the web
-            safe_path(assets_dir(), rel)  # a traversal is refused as one (400)
-            raise NotFound(f"no file {rel}")
-        return _file(assets_dir(), rel)
-
-    def ct_data(request: Request) -> Response:
-        if m := need("graphs"):
-            return JSONResponse(m.to_json(), status_code=404)
-        return _file(paths.graphs, request.path_params["path"])
-
-    def favicon(request: Request) -> Response:
-        return Response(FAVICON, media_type="image/svg+xml")
-
-    # --- errors ----------------------------------------------------------------------------
-
-    async def on_not_found(request: Request, exc: Exception) -> Response:
-        return error_response(request, 404, str(exc))
-
-    async def on_bad_request(request: Request, exc: Exception) -> Response:
-        return error_response(request, 400, f"refused: {exc}" if isinstance(exc, BadPath)
-                              else str(exc))
-
-    async def on_http(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, HTTPException)
-        message = {404: f"no page at {request.url.path}"}.get(exc.status_code, str(exc.detail))
-        return error_response(request, exc.status_code, message)
-
-    async def on_error(request: Request, exc: Exception) -> Response:
-        log.error("viewer error on %s", request.url.path, exc_info=exc)
-        return error_response(request, 500, f"internal error: {type(exc).__name__}: {exc}")
-
     routes = [
         Route("/", home), Route("/features", features_page),
-        Route("/feature/{layer:int}/{feature:int}", feature_page),
+        Route("/feature/{layer:small_int}/{feature:small_int}", feature_page),
         Route("/graphs", graphs_page), Route("/graph/{slug}", graph_page),
         Route("/training", training_page),
         Route("/api/run", api_run), Route("/api/features", api_features),
         Route("/api/layers", api_layers),
-        Route("/api/feature/{layer:int}/{feature:int}", api_feature),
+        Route("/api/feature/{layer:small_int}/{feature:small_int}", api_feature),
         Route("/api/graphs", api_graphs),
         Route("/api/graph/{slug}/node/{node_id}", api_graph_node),
         Route("/api/metrics", api_metrics),
-        Route("/static/{path:path}", static_file),
-        Route("/ct/data/{path:path}", ct_data), Route("/ct/graph_data/{path:path}", ct_data),
-        Route("/ct/{path:path}", ct_asset),
-        Route("/favicon.ico", favicon),
+        Route("/static/{path:path}", _static), Route("/favicon.ico", _favicon),
+        *_frontend_routes("/ct", paths.graphs, lambda: api_missing("graphs")),
     ]
-    handlers: dict[Any, Any] = {NotFound: on_not_found, BadPath: on_bad_request,
-                                BadRequest: on_bad_request, HTTPException: on_http,
-                                Exception: on_error}
-    hosts = allowed_hosts or LOCAL_HOSTS
-    return Starlette(routes=routes, exception_handlers=handlers,
-                     middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=hosts)])
+    return _app(routes, allowed_hosts, NAV)
+
+
+def create_graphs_app(folder: str | os.PathLike[str], allowed_hosts: list[str] | None = None
+                      ) -> Starlette:
+    """circuit-tracer's graph frontend alone at / over an `attribute` output folder: the URLs of
+    its own server (/index.html, /data/…, /graph_data/…), read-only (no Save), offline, every
+    file through `safe_path` and the Host allow-list of `create_app`."""
+    folder = Path(folder).resolve()
+    routes = [Route("/static/{path:path}", _static), Route("/favicon.ico", _favicon),
+              *_frontend_routes("", folder)]
+    return _app(routes, allowed_hosts, GRAPHS_NAV)
 
 
 def _file(root: Path, rel: str) -> Response:
     """A file under root (BadPath if the path would leave it; NotFound if it is not there)."""
     path = safe_path(root, rel)
-    if not path.is_file():
-        raise NotFound(f"no file {rel}")
+    if not is_file(path):
+        raise NotFound(f"no file {shorten(rel)}")
     return FileResponse(path)
 
 
-class ViewerServer:
-    """uvicorn serving the app from a background thread (`url`, `stop()`); port 0 picks a free
-    port."""
+class AppServer:
+    """uvicorn serving `make_app(allowed_hosts)` from a background thread (`url`, `stop()`);
+    the Host header must name `host` or a loopback name unless `host` is every interface; port 0
+    picks a free port."""
 
-    def __init__(self, paths: RunPaths, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
-                 log_level: str = "warning") -> None:
+    def __init__(self, make_app: Callable[[list[str]], Starlette], host: str = DEFAULT_HOST,
+                 port: int = DEFAULT_PORT, log_level: str = "warning") -> None:
         import socket
 
         import uvicorn
 
         hosts = ["*"] if host in ("0.0.0.0", "::", "") else sorted({*LOCAL_HOSTS, host})
-        self.app = create_app(paths, hosts)
+        self.app = make_app(hosts)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.socket = socket.socket(family, socket.SOCK_STREAM)
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -312,6 +389,23 @@ class ViewerServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class ViewerServer(AppServer):
+    """The viewer over one run (`create_app`)."""
+
+    def __init__(self, paths: RunPaths, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+                 log_level: str = "warning") -> None:
+        super().__init__(lambda hosts: create_app(paths, hosts), host, port, log_level)
+
+
+class GraphsServer(AppServer):
+    """circuit-tracer's graph frontend over one `attribute` output folder
+    (`create_graphs_app`; `clt-ray serve-graphs`)."""
+
+    def __init__(self, folder: str | os.PathLike[str], host: str = DEFAULT_HOST,
+                 port: int = GRAPHS_PORT, log_level: str = "warning") -> None:
+        super().__init__(lambda hosts: create_graphs_app(folder, hosts), host, port, log_level)
 
 
 def serve(paths: RunPaths, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> ViewerServer:

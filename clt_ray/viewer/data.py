@@ -5,15 +5,18 @@ filters pushed down (`pyarrow.dataset`), and a feature page finds its row by the
 the row groups whose (layer, feature) statistics may hold it and decodes that one row group — so a
 features.parquet written in small row groups keeps a page's read small. metrics.jsonl is streamed line by line
 and thinned to at most `MAX_POINTS` points per curve. Graph JSON is read only to map a clicked
-node to its feature (cached per file version).
+node to its feature (cached per file version). A file that is there but cannot be read raises
+`Unreadable`, which names it relative to the run folder (never its absolute path).
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +27,7 @@ import pyarrow.parquet as pq
 
 from clt_ray import layout
 from clt_ray.layout import cantor_pair
-from clt_ray.viewer.paths import RunPaths
+from clt_ray.viewer.paths import RunPaths, safe_path, shorten
 
 LIST_COLUMNS = ["layer", "feature", "fired", "frequency", "max_activation"]
 EXPLANATION_COLUMNS = ["layer", "feature", "explanation", "ok", "error"]
@@ -38,8 +41,22 @@ MAX_SUMMARY_BYTES = 1 << 20
 KEY_SHIFT = 32  # (layer, feature) → one int64 key: layer << 32 | feature
 
 
+log = logging.getLogger("clt_ray.viewer")
+
+
 class NotFound(LookupError):
     """A feature, graph or node that the outputs do not hold (a 404 with this message)."""
+
+
+class Unreadable(Exception):
+    """An output file that is there but cannot be read (damaged, not Parquet or JSON, columns or
+    keys missing). Its message names the file relative to the run folder and the program that
+    makes it again; the cause's text goes to the server's log only (it may hold absolute
+    paths)."""
+
+    def __init__(self, what: str, shown: str, program: str, cause: str) -> None:
+        super().__init__(f"{what} could not be read: {shown} ({cause}: damaged, incomplete or "
+                         f"not written by this version?). Make it again with `{program}`.")
 
 
 def _key(layer: Any, feature: Any) -> Any:
@@ -87,6 +104,20 @@ class RunData:
     def __init__(self, paths: RunPaths) -> None:
         self.paths = paths
 
+    @contextmanager
+    def _reading(self, kind: str, path: Path | None = None) -> Iterator[None]:
+        """Turn a failure to read the output `kind` (its file, or `path` of it) into
+        Unreadable; NotFound passes through."""
+        try:
+            yield
+        except NotFound:
+            raise
+        except (pa.ArrowException, OSError, ValueError, LookupError, TypeError) as exc:
+            out = self.paths.output(kind)
+            log.warning("cannot read %s", path or out.path, exc_info=exc)
+            raise Unreadable(out.what, self.paths.show(path or out.path), out.program,
+                             type(exc).__name__) from None
+
     def _explanations(self) -> ds.Dataset | None:
         return _dataset(self.paths.explanations, EXPLANATION_COLUMNS)
 
@@ -116,40 +147,43 @@ class RunData:
         wanted: list[pa.Array] = []
         if q:
             match = pc.match_substring(ds.field("explanation"), q, ignore_case=True)
-            wanted.append(_keys_where(self._explanations(), match))
+            with self._reading("explanations"):
+                wanted.append(_keys_where(self._explanations(), match))
         if min_score is not None:
             wanted.append(self._keys_scoring_at_least(min_score))
         order = SORTS[sort]
         total, items, best = 0, [], None
-        for batch in ds.dataset(self.paths.features).to_batches(columns=LIST_COLUMNS,
-                                                                filter=where):
-            keys = _key(batch.column("layer"), batch.column("feature"))
-            keep = pa.array([True] * batch.num_rows)
-            for allowed in wanted:
-                keep = pc.and_(keep, pc.is_in(keys, value_set=allowed))
-            batch = batch.filter(keep)
-            if order is None:  # file order: stream, keep only the page
-                lo, hi = max(0, offset - total), min(batch.num_rows, offset + limit - total)
-                if hi > lo:
-                    items += batch.slice(lo, hi - lo).to_pylist()
-            elif batch.num_rows:  # by a column: the best offset + limit rows so far
-                best = _top(batch if best is None else pa.concat_tables(
-                    [best, pa.Table.from_batches([batch])]), order, offset + limit)
-            total += batch.num_rows
-        if best is not None:
-            ranked = best.sort_by([(order, "descending"), ("layer", "ascending"),
-                                   ("feature", "ascending")])
-            items = ranked.slice(offset, limit).to_pylist()
+        with self._reading("features"):
+            for batch in ds.dataset(self.paths.features).to_batches(columns=LIST_COLUMNS,
+                                                                    filter=where):
+                keys = _key(batch.column("layer"), batch.column("feature"))
+                keep = pa.array([True] * batch.num_rows)
+                for allowed in wanted:
+                    keep = pc.and_(keep, pc.is_in(keys, value_set=allowed))
+                batch = batch.filter(keep)
+                if order is None:  # file order: stream, keep only the page
+                    lo, hi = max(0, offset - total), min(batch.num_rows, offset + limit - total)
+                    if hi > lo:
+                        items += batch.slice(lo, hi - lo).to_pylist()
+                elif batch.num_rows:  # by a column: the best offset + limit rows so far
+                    best = _top(batch if best is None else pa.concat_tables(
+                        [best, pa.Table.from_batches([batch])]), order, offset + limit)
+                total += batch.num_rows
+            if best is not None:
+                ranked = best.sort_by([(order, "descending"), ("layer", "ascending"),
+                                       ("feature", "ascending")])
+                items = ranked.slice(offset, limit).to_pylist()
         self._attach_explanations(items)
         return {"total": total, "offset": offset, "limit": limit, "items": _clean(items)}
 
     def _keys_scoring_at_least(self, min_score: float) -> pa.Array:
         """Keys whose mean AUC over scorers (successful scores only) is ≥ min_score."""
-        scores = self._scores()
-        if scores is None:
-            return pa.array([], pa.int64())
-        table = scores.to_table(columns=["layer", "feature", "auc"],
-                                filter=ds.field("ok") & ds.field("auc").is_valid())
+        with self._reading("scores"):
+            scores = self._scores()
+            if scores is None:
+                return pa.array([], pa.int64())
+            table = scores.to_table(columns=["layer", "feature", "auc"],
+                                    filter=ds.field("ok") & ds.field("auc").is_valid())
         means = table.group_by(["layer", "feature"]).aggregate([("auc", "mean")])
         good = means.filter(pc.greater_equal(means.column("auc_mean"), min_score))
         return _key(good.column("layer"), good.column("feature")).combine_chunks() \
@@ -164,54 +198,74 @@ class RunData:
         features = pa.array(sorted({r["feature"] for r in items}), pa.int32())
         near = ds.field("layer").isin(layers) & ds.field("feature").isin(features)
         found: dict[int, dict] = {}
-        if (explanations := self._explanations()) is not None:
-            t = explanations.to_table(columns=["layer", "feature", "explanation"], filter=near)
-            for r in t.to_pylist():
-                found.setdefault((r["layer"] << KEY_SHIFT) | r["feature"], {})["explanation"] = \
-                    r["explanation"]
-        if (scores := self._scores()) is not None:
-            t = scores.to_table(columns=["layer", "feature", "scorer", "auc"],
-                                filter=near & ds.field("ok"))
-            for r in t.to_pylist():
-                found.setdefault((r["layer"] << KEY_SHIFT) | r["feature"], {}).setdefault(
-                    "aucs", []).append(r["auc"])
+        with self._reading("explanations"):
+            explanations = self._explanations()
+            rows = [] if explanations is None else explanations.to_table(
+                columns=["layer", "feature", "explanation"], filter=near).to_pylist()
+        for r in rows:
+            found.setdefault((r["layer"] << KEY_SHIFT) | r["feature"], {})["explanation"] = \
+                r["explanation"]
+        with self._reading("scores"):
+            scores = self._scores()
+            rows = [] if scores is None else scores.to_table(
+                columns=["layer", "feature", "scorer", "auc"],
+                filter=near & ds.field("ok")).to_pylist()
+        for r in rows:
+            found.setdefault((r["layer"] << KEY_SHIFT) | r["feature"], {}).setdefault(
+                "aucs", []).append(r["auc"])
         for r, k in zip(items, keys.to_pylist()):
             extra = found.get(k, {})
             r["explanation"] = extra.get("explanation")
             aucs = [a for a in extra.get("aucs", []) if a is not None]
             r["score"] = sum(aucs) / len(aucs) if aucs else None
 
+    def check_features(self) -> None:
+        """Unreadable unless features.parquet opens as Parquet with the list's columns (its
+        footer only), so that the features page names a bad file itself."""
+        with self._reading("features"):
+            if lacking := set(LIST_COLUMNS) - set(pq.read_schema(self.paths.features).names):
+                raise KeyError(f"no columns {sorted(lacking)}")
+
     def layers(self) -> list[int]:
         """The layers present in features.parquet (its layer column only)."""
-        col = ds.dataset(self.paths.features).to_table(columns=["layer"]).column("layer")
-        return sorted(pc.unique(col).to_pylist())
+        with self._reading("features"):
+            col = ds.dataset(self.paths.features).to_table(columns=["layer"]).column("layer")
+            return sorted(pc.unique(col).to_pylist())
 
     def check_feature(self, layer: int, feature: int) -> None:
         """NotFound unless features.parquet has (layer, feature) (reads key columns only)."""
-        if _locate(pq.ParquetFile(self.paths.features), layer, feature) is None:
-            raise NotFound(f"layer {layer} feature {feature} is not in {self.paths.features}")
+        with self._reading("features"):
+            where = _locate(pq.ParquetFile(self.paths.features), layer, feature)
+        if where is None:
+            raise NotFound(f"layer {layer} feature {feature} is not in "
+                           f"{self.paths.show(self.paths.features)}")
 
     def feature(self, layer: int, feature: int) -> dict[str, Any]:
         """Everything about one feature: its features.parquet row (one row read), histogram bin
         edges, explanation row and score rows (when those files exist)."""
-        pf = pq.ParquetFile(self.paths.features)
-        where = _locate(pf, layer, feature)
-        if where is None:
-            raise NotFound(f"layer {layer} feature {feature} is not in {self.paths.features}")
-        row = pf.read_row_group(where[0]).slice(where[1], 1).to_pylist()[0]
-        meta = json.loads((pf.schema_arrow.metadata or {}).get(b"clt_ray", b"{}"))
-        row["histogram_edges"] = meta.get("histogram_edges")
+        with self._reading("features"):
+            pf = pq.ParquetFile(self.paths.features)
+            where = _locate(pf, layer, feature)
+            if where is None:
+                raise NotFound(f"layer {layer} feature {feature} is not in "
+                               f"{self.paths.show(self.paths.features)}")
+            row = pf.read_row_group(where[0]).slice(where[1], 1).to_pylist()[0]
+            meta = json.loads((pf.schema_arrow.metadata or {}).get(b"clt_ray", b"{}"))
+            row["histogram_edges"] = meta.get("histogram_edges")
         row["index"] = cantor_pair(layer, feature)
         match = (ds.field("layer") == layer) & (ds.field("feature") == feature)
         row["explanation"] = None
-        if (explanations := self._explanations()) is not None:
-            rows = explanations.to_table(columns=EXPLANATION_COLUMNS[2:], filter=match).to_pylist()
-            row["explanation"] = rows[0] if rows else None
+        with self._reading("explanations"):
+            if (explanations := self._explanations()) is not None:
+                rows = explanations.to_table(columns=EXPLANATION_COLUMNS[2:],
+                                             filter=match).to_pylist()
+                row["explanation"] = rows[0] if rows else None
         row["scores"] = None
         if self.paths.scores.is_file():
-            scores = self._scores()
-            row["scores"] = [] if scores is None else scores.to_table(
-                columns=SCORE_COLUMNS[2:], filter=match).to_pylist()
+            with self._reading("scores"):
+                scores = self._scores()
+                row["scores"] = [] if scores is None else scores.to_table(
+                    columns=SCORE_COLUMNS[2:], filter=match).to_pylist()
         return _clean(row)
 
     # --- graphs ----------------------------------------------------------------------------
@@ -219,16 +273,18 @@ class RunData:
     def list_graphs(self, offset: int = 0, limit: int = 50) -> dict[str, Any]:
         """A page of graphs: slug, prompt and scores from graph-metadata.json, nodes and edges
         from graphs.parquet when it is there."""
-        graphs = json.loads(self.paths.graph_metadata.read_text()).get("graphs", [])
         offset, limit = max(0, offset), min(max(1, limit), MAX_LIMIT)
-        page = graphs[offset:offset + limit]
+        with self._reading("graphs"):
+            graphs = self._graph_entries()
+            page = graphs[offset:offset + limit]
         sizes: dict[str, dict] = {}
         if self.paths.graph_summary.is_file() and page:
-            want = pa.array([g["slug"] for g in page])
-            t = ds.dataset(self.paths.graph_summary)
-            cols = [c for c in ("slug", "nodes", "edges", "tokens") if c in t.schema.names]
-            sizes = {r["slug"]: r for r in t.to_table(
-                columns=cols, filter=ds.field("slug").isin(want)).to_pylist()}
+            with self._reading("graphs", self.paths.graph_summary):
+                want = pa.array([g["slug"] for g in page])
+                t = ds.dataset(self.paths.graph_summary)
+                cols = [c for c in ("slug", "nodes", "edges", "tokens") if c in t.schema.names]
+                sizes = {r["slug"]: r for r in t.to_table(
+                    columns=cols, filter=ds.field("slug").isin(want)).to_pylist()}
         items = [{"slug": g["slug"], "prompt": g.get("prompt"),
                   "replacement": g.get("replacement_score"),
                   "completeness": g.get("completeness_score"),
@@ -236,17 +292,28 @@ class RunData:
                  for g in page]
         return {"total": len(graphs), "offset": offset, "limit": limit, "items": _clean(items)}
 
+    def _graph_entries(self) -> list[dict]:
+        """graph-metadata.json's graphs, each checked to be an object with a string slug."""
+        graphs = json.loads(self.paths.graph_metadata.read_text())["graphs"]
+        if not isinstance(graphs, list) or not all(
+                isinstance(g, dict) and isinstance(g.get("slug"), str) for g in graphs):
+            raise TypeError("graphs must be a list of objects with a slug")
+        return graphs
+
     def graph_slugs(self) -> set[str]:
-        return {g["slug"] for g in json.loads(self.paths.graph_metadata.read_text())["graphs"]}
+        with self._reading("graphs"):
+            return {g["slug"] for g in self._graph_entries()}
 
     def graph_node(self, slug: str, node_id: str) -> dict[str, Any]:
         """A node of a graph: its type and, for a CLT feature, its layer and feature."""
         if slug not in self.graph_slugs():
-            raise NotFound(f"no graph {slug!r} in {self.paths.graph_metadata}")
-        path = self.paths.graphs / f"{slug}.json"
-        nodes = _graph_nodes(str(path), path.stat().st_mtime_ns)
+            raise NotFound(f"no graph {shorten(slug)!r} in "
+                           f"{self.paths.show(self.paths.graph_metadata)}")
+        with self._reading("graphs", self.paths.graphs / f"{slug}.json"):
+            path = safe_path(self.paths.graphs, f"{slug}.json")  # a slug may not leave graphs/
+            nodes = _graph_nodes(str(path), path.stat().st_mtime_ns)
         if node_id not in nodes:
-            raise NotFound(f"graph {slug!r} has no node {node_id!r}")
+            raise NotFound(f"graph {shorten(slug)!r} has no node {shorten(node_id)!r}")
         return nodes[node_id]
 
     # --- metrics ---------------------------------------------------------------------------
@@ -266,23 +333,30 @@ class RunData:
     def metrics(self) -> dict[str, Any]:
         """Training and eval curves from metrics.jsonl: per kind, the steps and each series
         (scalars and per-layer lists), thinned to at most MAX_POINTS points."""
-        series: dict[str, dict[str, list]] = {}
-        for rec in _jsonl(self.paths.metrics):
-            kind = rec.get("kind", "train")
-            if "step" not in rec:
+        with self._reading("metrics"):
+            return _curves(_jsonl(self.paths.metrics))
+
+
+def _curves(records: Iterator[dict]) -> dict[str, Any]:
+    """Per record kind: the steps and each numeric series, aligned (None where a record lacks
+    one), thinned."""
+    series: dict[str, dict[str, list]] = {}
+    for rec in records:
+        kind = rec.get("kind", "train")
+        if "step" not in rec:
+            continue
+        out = series.setdefault(kind, {"step": []})
+        n = len(out["step"])
+        out["step"].append(rec["step"])
+        for name, value in rec.items():
+            if name in ("kind", "step") or not _numeric(value):
                 continue
-            out = series.setdefault(kind, {"step": []})
-            n = len(out["step"])
-            out["step"].append(rec["step"])
-            for name, value in rec.items():
-                if name in ("kind", "step") or not _numeric(value):
-                    continue
-                column = out.setdefault(name, [None] * n)
-                column += [None] * (n - len(column))
-                column.append(value)
-            for column in out.values():
-                column += [None] * (n + 1 - len(column))
-        return _clean({kind: _thin(cols) for kind, cols in series.items()})
+            column = out.setdefault(name, [None] * n)
+            column += [None] * (n - len(column))
+            column.append(value)
+        for column in out.values():
+            column += [None] * (n + 1 - len(column))
+    return _clean({kind: _thin(cols) for kind, cols in series.items()})
 
 
 def _numeric(value: Any) -> bool:
@@ -306,7 +380,7 @@ def _thin(cols: dict[str, list]) -> dict[str, list]:
 def _jsonl(path: Path) -> Iterator[dict]:
     """Records of a JSONL file, read line by line; a torn or bad line (a run still writing) is
     skipped."""
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:  # bad bytes: a bad line
         for line in f:
             try:
                 rec = json.loads(line)
