@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from clt_ray import layout
 from clt_ray.config import Config
 from clt_ray.errors import ConfigError
+from clt_ray.fsutil import local_path
 from clt_ray.lm import load_model
 from clt_ray.train.checkpoint import load_checkpoint
 from clt_ray.train.loop import MetricsFile, progress_postfix
@@ -92,7 +93,7 @@ def train_on_ray(cfg: Config, run_dir: str | os.PathLike[str], *, shards: int = 
     resliced). `graph_scorer`: as in `train_from_config` (graphs are scored on the whole CLT,
     at the end)."""
     start_time = time.monotonic()
-    run_dir = Path(run_dir)
+    run_dir = local_path(run_dir, "run_dir")
     clt_cfg = check_config(cfg)  # everything checkable before any actor starts
     check_graph_scorer(cfg, graph_scorer)
     if replicas < 1:

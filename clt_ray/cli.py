@@ -14,6 +14,7 @@ import click
 from clt_ray import layout
 from clt_ray.config import TOY_ARCHS
 from clt_ray.errors import CltRayError
+from clt_ray.fsutil import LocationError, is_uri, local_path
 
 
 def _format_scores(scores: dict) -> str:
@@ -37,6 +38,20 @@ def _report_toy(model) -> None:
     click.echo(_format_scores(model.scores))
 
 
+class LocalPath(click.Path):
+    """click.Path for a location that must be local here: a URI is one error naming it (plain
+    click.Path would make `s3://bucket/run` the local folder `s3:/bucket/run`)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and is_uri(value):
+            what = param.human_readable_name if param is not None else "location"
+            try:
+                local_path(value, what)
+            except LocationError as exc:
+                self.fail(str(exc), param, ctx)
+        return super().convert(value, param, ctx)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="clt-ray")
 def cli() -> None:
@@ -53,7 +68,7 @@ def toy() -> None:
 
 @toy.command("build")
 @click.option("--arch", type=click.Choice(TOY_ARCHS + ("all",)), default="all", show_default=True)
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--cache-dir", type=LocalPath(file_okay=False, path_type=Path), default=None,
               help="Overrides $CLT_RAY_CACHE (default ~/.cache/clt-ray).")
 def toy_build(arch: str, cache_dir: Path | None) -> None:
     """Build (or reuse) the toy models and print where they are and what they learned."""
@@ -64,12 +79,12 @@ def toy_build(arch: str, cache_dir: Path | None) -> None:
 
 
 @cli.command()
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--cache-dir", type=LocalPath(file_okay=False, path_type=Path), default=None,
               help="Overrides $CLT_RAY_CACHE (default ~/.cache/clt-ray).")
-@click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--run-dir", type=LocalPath(file_okay=False, path_type=Path),
               default=Path("runs/demo-gpt2"), show_default=True,
               help="Where the demo CLT run goes (replaced on every demo).")
-@click.option("--activations", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--activations", type=LocalPath(file_okay=False, path_type=Path),
               default=Path("runs/demo-activations"), show_default=True,
               help="The demo's activation cache (int8, kept: a second demo reuses it).")
 @click.option("--producers", type=click.IntRange(min=1), default=2, show_default=True,
@@ -200,10 +215,10 @@ def _newest_run(config_path: Path) -> Path:
 
 
 @cli.command()
-@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--config", "config_path", type=LocalPath(dir_okay=False, path_type=Path),
               default=None, help="Run config (YAML, see examples/). With --resume it is optional "
               "(the run's own config.yaml is used) and must match the run's if given.")
-@click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--run-dir", type=LocalPath(file_okay=False, path_type=Path), default=None,
               help="Default: runs/<config name>-<date>-<time>; with --resume: the newest "
               "runs/<config name>-*.")
 @click.option("--steps", type=click.IntRange(min=1), default=None,
@@ -300,7 +315,7 @@ def _print_result(cfg, result, run_dir: Path) -> None:
 
 
 @cli.command("cache")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--config", "config_path", type=LocalPath(dir_okay=False, path_type=Path),
               required=True, help="Run config (YAML): its model and data sections say what to cache.")
 @click.option("--out", required=True, help="Cache directory: a local path or a URI (s3://, gs://, …).")
 @click.option("--tokens", type=click.IntRange(min=1), required=True,
@@ -351,7 +366,7 @@ def cache(config_path: Path, out: str, tokens: int, bits: str, zstd_level: int,
 
 
 @cli.command("eval")
-@click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
+@click.argument("checkpoint", type=LocalPath(exists=True, path_type=Path))
 @click.option("--batches", type=click.IntRange(min=1), default=None,
               help="Evaluate at most this many batches of held-out windows.")
 @click.option("--tokens", type=click.IntRange(min=1), default=None,
@@ -381,8 +396,8 @@ def eval_command(checkpoint: Path, batches: int | None, tokens: int | None,
 
 
 @cli.command("export")
-@click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
-@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("checkpoint", type=LocalPath(exists=True, path_type=Path))
+@click.argument("out", type=LocalPath(file_okay=False, path_type=Path))
 @click.option("--model-name", default=None, help="Model circuit-tracer should load (default: "
               "the run config's model; toy and local models as absolute paths).")
 @click.option("--scan", default=None, help="Feature-dashboard scan name (default: "
@@ -443,13 +458,13 @@ def _graph_options(fn):
 
 
 @cli.command("attribute")
-@click.option("--clt", "clt", required=True, type=click.Path(exists=True, file_okay=False,
+@click.option("--clt", "clt", required=True, type=LocalPath(exists=True, file_okay=False,
               path_type=Path), help="An exported CLT folder (`clt-ray export`), or a checkpoint "
               "or run folder (exported into OUT/clt first).")
 @click.option("--prompt", "prompts", multiple=True, help="A prompt (repeatable).")
-@click.option("--prompts-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+@click.option("--prompts-file", type=LocalPath(exists=True, dir_okay=False, path_type=Path),
               default=None, help="One prompt per line.")
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+@click.option("--out", required=True, type=LocalPath(file_okay=False, path_type=Path),
               help="Output folder: graph JSON, graph-metadata.json, features/, graphs.parquet.")
 @_graph_options
 @click.option("--max-feature-nodes", type=click.IntRange(min=1), default=4096, show_default=True,
@@ -494,7 +509,7 @@ def attribute_command(clt: Path, prompts: tuple[str, ...], prompts_file: Path | 
 
 
 @cli.command("intervene")
-@click.option("--clt", "clt", required=True, type=click.Path(exists=True, file_okay=False,
+@click.option("--clt", "clt", required=True, type=LocalPath(exists=True, file_okay=False,
               path_type=Path), help="An exported CLT folder (`clt-ray export`).")
 @click.option("--prompt", required=True)
 @click.option("--set", "settings", multiple=True, required=True, metavar="L:P:F=V",
@@ -520,7 +535,7 @@ def intervene_command(clt: Path, prompt: str, settings: tuple[str, ...], target:
 
 
 @cli.command("serve-graphs")
-@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("folder", type=LocalPath(exists=True, file_okay=False, path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Interface to bind (0.0.0.0 exposes the graphs to the network).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8032, show_default=True,
@@ -543,14 +558,14 @@ def serve_graphs(folder: Path, host: str, port: int) -> None:
 
 
 @cli.command("serve")
-@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("run_dir", type=LocalPath(path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Interface to bind (0.0.0.0 exposes the viewer to the network).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8050, show_default=True,
               help="0 picks a free port.")
-@click.option("--graphs", "graphs", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--graphs", "graphs", type=LocalPath(file_okay=False, path_type=Path),
               default=None, help="An `attribute` output folder (default RUN_DIR/graphs).")
-@click.option("--autointerp", "autointerp", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--autointerp", "autointerp", type=LocalPath(file_okay=False, path_type=Path),
               default=None, help="An `autointerp` output folder (default RUN_DIR/autointerp).")
 def serve_command(run_dir: Path, host: str, port: int, graphs: Path | None,
                   autointerp: Path | None) -> None:
@@ -601,7 +616,7 @@ def _wait_for_interrupt(stop) -> None:
 
 @cli.command("autointerp")
 @click.option("--config", "config_path", required=True,
-              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              type=LocalPath(exists=True, dir_okay=False, path_type=Path),
               help="An auto-interp config (see examples/autointerp.yaml).")
 @click.option("--out", default=None, help="Overrides the config's output folder.")
 @click.option("--address", default=None,
@@ -621,6 +636,8 @@ def autointerp_command(config_path: Path, out: str | None, address: str | None,
     cfg = load_config(config_path, AutoInterpConfig)
     if out is not None:
         cfg = cfg.model_copy(update={"out": out})
+    local_path(cfg.out, "out")
+    local_path(cfg.checkpoint, "checkpoint")
     summary = run_autointerp_on_ray(cfg, log=click.echo, progress=True, address=address,
                                     topk_only=topk_only)
     if topk_only:

@@ -7,7 +7,11 @@ fractional CPUs, every test leaves all CPUs free again.
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
 import time
+import uuid
 
 # Nothing in the suite may reach the hub; set before transformers is imported anywhere.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -16,9 +20,57 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# The S3-protocol server of the object-storage tests (moto's server mode, started on first use by
+# `s3_bucket`). Its endpoint and throw-away credentials are in the environment from the start, the
+# standard AWS settings pyarrow's S3 client reads, so the session's Ray workers inherit them (they
+# never travel in a runtime_env, which Ray logs).
+S3_PORT = _free_port()
+os.environ["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{S3_PORT}"
+os.environ["AWS_ACCESS_KEY_ID"] = "clt-ray-test"
+os.environ["AWS_SECRET_ACCESS_KEY"] = "clt-ray-test-secret"
+os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
+os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+
 import pytest
 
 RAY_CPUS = 2
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-protocol server on 127.0.0.1 (moto's server mode) for the session; stopped at
+    the end. Yields its endpoint URL."""
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                             str(S3_PORT)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", S3_PORT), timeout=1).close()
+            break
+        except OSError:
+            assert proc.poll() is None, "moto's S3 server did not start"
+            assert time.monotonic() < deadline, "moto's S3 server did not answer in 60 s"
+            time.sleep(0.2)
+    yield os.environ["AWS_ENDPOINT_URL"]
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+@pytest.fixture
+def s3_bucket(s3_server) -> str:
+    """A new, empty bucket on the session's S3 server: its `s3://name` URI."""
+    import pyarrow.fs as pafs
+
+    name = f"clt-ray-{uuid.uuid4().hex[:12]}"
+    pafs.S3FileSystem(endpoint_override=s3_server, allow_bucket_creation=True).create_dir(name)
+    return f"s3://{name}"
 
 
 @pytest.fixture(scope="session")

@@ -30,25 +30,13 @@ from clt_ray.cache.block import BlockError, decode_block, read_block_table
 from clt_ray.config import StrictModel
 from clt_ray.data import Batch, BlockStream, State
 from clt_ray.errors import CltRayError
+from clt_ray.fsutil import filesystem, reach
 
 MANIFEST = layout.CACHE_MANIFEST
 
 
 class CacheError(CltRayError):
     """A cache that is missing, damaged, or does not match what it is used for."""
-
-
-def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """(pyarrow filesystem, path inside it) for a local path or a URI."""
-    if "://" not in uri:
-        return pafs.LocalFileSystem(), uri
-    try:
-        return pafs.FileSystem.from_uri(uri)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        import fsspec
-
-        fs, path = fsspec.core.url_to_fs(uri)
-        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 
 
 class CacheFile(StrictModel):
@@ -183,7 +171,13 @@ def write_block_file(fs: pafs.FileSystem, root: str, name: str, data: bytes, man
 def _load_manifest(fs: pafs.FileSystem, root: str, uri: str, missing_ok: bool = False
                    ) -> Manifest | None:
     path = f"{root}/{MANIFEST}"
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+    try:
+        kind = fs.get_file_info(path).type
+    except OSError as exc:
+        raise CacheError(f"{uri}: the store cannot be reached ({' '.join(str(exc).split())}); "
+                         "check its endpoint and credentials (e.g. AWS_ENDPOINT_URL, "
+                         "AWS_ACCESS_KEY_ID / AWS_PROFILE)") from None
+    if kind == pafs.FileType.NotFound:
         if missing_ok:
             return None
         raise CacheError(f"{uri}: no activation cache here ({MANIFEST} not found)")
@@ -231,12 +225,9 @@ def check_files(uri: str) -> Manifest:
 
 
 def check_destination(uri: str) -> None:
-    """Refuse a cache destination that is an existing file (a cache is a folder)."""
-    fs, root = filesystem(uri)
-    try:
-        kind = fs.get_file_info(root).type
-    except (OSError, pa.ArrowException) as exc:
-        raise CacheError(f"{uri}: cannot be reached ({exc})") from None
+    """Refuse a cache destination that is an existing file (a cache is a folder) or a store that
+    does not answer (one request, before any producer starts)."""
+    kind = reach(uri)[2]
     if kind == pafs.FileType.File:
         raise CacheError(f"{uri} is a file; the activation cache is a folder: pass another --out")
 

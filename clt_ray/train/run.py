@@ -34,7 +34,7 @@ from clt_ray.data import (
 )
 from clt_ray.errors import CltRayError, ConfigError
 from clt_ray.eval import metrics
-from clt_ray.fsutil import atomic_write_text
+from clt_ray.fsutil import atomic_write_text, local_path
 from clt_ray.lm import load_model
 from clt_ray.lm.loading import DeviceError, check_device, model_dims
 from clt_ray.nn.clt import CrossLayerTranscoder
@@ -219,7 +219,7 @@ def train_from_config(
     (actors.cache_producer.ProducerBlocks); closed when training ends. `graph_scorer`: builds
     the graph scores of `train.graph_prompts` (clt_ray.attribution.graph_scorer_for)."""
     start_time = time.monotonic()
-    run_dir = Path(run_dir)
+    run_dir = local_path(run_dir, "run_dir")
     if (cfg.data.source == "producers") != (blocks is not None):
         raise ConfigError("data.source 'producers' streams from Ray actors: train it with "
                           "`clt-ray train` (or pass blocks=ProducerBlocks(...)); other sources "
