@@ -1,8 +1,9 @@
 """cluster.yaml (AWS) and examples/cluster-gcp.yaml pass Ray's own autoscaler schema validation
-offline, and pin the image to the Ray and Python this client runs."""
+offline, pin the image to the Ray and Python this client runs, and install the client's lock."""
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -25,7 +26,16 @@ def test_cluster_config_is_valid_and_pinned(path):
     assert config["head_node_type"] in workers
     gpu = workers["gpu_worker"]
     assert gpu["min_workers"] == 0 and gpu["max_workers"] >= 1  # autoscaling
-    assert any("pip install" in c and "clt-ray" in c for c in config["setup_commands"])
+    lock, makefile = (ROOT / "requirements.lock").read_text(), (ROOT / "Makefile").read_text()
+    locked_ray = re.search(r"^ray==(\S+)", lock, re.MULTILINE).group(1)
+    assert image.startswith(f"rayproject/ray:{locked_ray}-"), (image, locked_ray)
+    torch = re.search(r"^TORCH_SPEC \?= (\S+)$", makefile, re.MULTILINE).group(1)
+    # exactly the client's versions: the lock (hashes checked), the Makefile's torch, the project
+    assert config["setup_commands"] == [
+        "pip install --quiet --require-hashes --no-deps -r /home/ray/clt-ray/requirements.lock",
+        f"pip install --quiet {torch}",
+        "pip install --quiet --no-deps -e /home/ray/clt-ray",
+    ]
 
 
 def test_a_broken_cluster_config_is_rejected():
