@@ -46,8 +46,8 @@ LOCK_ARGS = --universal --generate-hashes --upgrade --no-emit-package torch \
 	--default-index https://pypi.org/simple --custom-compile-command "make lock" --quiet
 lock: | $(PY)
 	$(PIP) install --quiet $(UV_SPEC)
-	$(VENV)/bin/uv pip compile pyproject.toml $(LOCK_ARGS) -o $(LOCK)
-	$(VENV)/bin/uv pip compile pyproject.toml --extra test -c $(LOCK) $(LOCK_ARGS) -o $(TEST_LOCK)
+	$(VENV)/bin/uv pip compile pyproject.toml --extra test $(LOCK_ARGS) -o $(TEST_LOCK)
+	$(VENV)/bin/uv pip compile pyproject.toml -c $(TEST_LOCK) $(LOCK_ARGS) -o $(LOCK)
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/clt-ray demo $(DEMO_ARGS)
