@@ -43,7 +43,8 @@ _reapers: list[subprocess.Popen] = []  # their stdin pipes stay open while this 
 
 def ensure_ray(address: str | None = None) -> None:
     """Connect to the cluster at `address`, or to a local Ray that already runs, or start one
-    (which ends with this process: see the module's docstring). An address that does not answer
+    (which ends with this process: see the module's docstring); `address="local"` always starts
+    a new one. An address that does not answer
     is a clear error within seconds (Ray itself retries for about a minute)."""
     import ray  # here, not above: the reaper runs this module without Ray
 
@@ -53,21 +54,24 @@ def ensure_ray(address: str | None = None) -> None:
     # debugging; errors still come back as exceptions, metrics through the driver.
     quiet = {"log_to_driver": bool(os.environ.get("CLT_RAY_DEBUG")),
              "logging_level": "DEBUG" if os.environ.get("CLT_RAY_DEBUG") else "WARNING"}
-    if address:
+    if address and address != "local":
         check_reachable(address)
         ray.init(address=address, **quiet)
         return
-    try:
-        ray.init(address="auto", **quiet)
-    except ConnectionError:
-        before = {p.pid for p in psutil.Process().children()}
-        token = os.environ[REAP_ENV] = uuid.uuid4().hex  # inherited by all of Ray's processes
+    if address != "local":  # "auto" finds any Ray running on this machine
         try:
-            ray.init(include_dashboard=False, **quiet)
-        finally:
-            del os.environ[REAP_ENV]  # not by this driver's later children
-        started = [p.pid for p in psutil.Process().children() if p.pid not in before]
-        start_reaper(token, started)
+            ray.init(address="auto", **quiet)
+            return
+        except ConnectionError:
+            pass
+    before = {p.pid for p in psutil.Process().children()}
+    token = os.environ[REAP_ENV] = uuid.uuid4().hex  # inherited by all of Ray's processes
+    try:
+        ray.init(address="local", include_dashboard=False, **quiet)
+    finally:
+        del os.environ[REAP_ENV]  # not by this driver's later children
+    started = [p.pid for p in psutil.Process().children() if p.pid not in before]
+    start_reaper(token, started)
 
 
 def start_reaper(token: str, roots: list[int]) -> None:

@@ -235,7 +235,7 @@ def _newest_run(config_path: Path) -> Path:
 @click.option("--max-failures", type=click.IntRange(min=0), default=3, show_default=True,
               help="On Ray: restarts from the last checkpoint after losing a worker or node.")
 @click.option("--address", default=None, help="Ray cluster address (default: a running local "
-              "Ray, else a new one).")
+              "Ray, else a new one; `local`: a new one).")
 def train(config_path: Path | None, run_dir: Path | None, steps: int | None,
           resume: bool, shards: int | None, replicas: int | None, min_shards: int | None,
           max_failures: int, address: str | None) -> None:
@@ -330,7 +330,7 @@ def _print_result(cfg, result, run_dir: Path) -> None:
               help="Default: one GPU each when the cluster has enough, else an equal share of "
               "its CPUs.")
 @click.option("--address", default=None,
-              help="Ray cluster address (default: a running local Ray, else a new one).")
+              help="Ray cluster address (default: a running local Ray, else a new one; `local`: a new one).")
 @click.option("--in-process", is_flag=True, help="Run the model in this process, without Ray.")
 def cache(config_path: Path, out: str, tokens: int, bits: str, zstd_level: int,
           windows_per_file: int, producers: int, cpus_per_producer: float | None,
@@ -620,7 +620,7 @@ def _wait_for_interrupt(stop) -> None:
               help="An auto-interp config (see examples/autointerp.yaml).")
 @click.option("--out", default=None, help="Overrides the config's output folder.")
 @click.option("--address", default=None,
-              help="Ray cluster address (default: a running local Ray, else a new one).")
+              help="Ray cluster address (default: a running local Ray, else a new one; `local`: a new one).")
 @click.option("--topk-only", is_flag=True,
               help="Only the top-k statistics (features.parquet): no LLM requests (the "
                    "config needs no llm section).")

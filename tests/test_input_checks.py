@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_cache_produce import config as small_config
 
 from clt_ray.cache.produce import write_cache
 from clt_ray.cache.store import CacheError, check_destination, check_files, open_cache
@@ -31,17 +32,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config(model_dir: Path, **sections) -> dict:
-    base = {
-        "model": {"name": str(model_dir)},
-        "clt": {"n_features": 32, "init_threshold": 0.05, "bandwidth": 0.5,
-                "init_firing_rate": 0.05},
-        "loss": {"sparsity": {"final": 0.3, "ramp_frac": 0.5}, "tanh_c": 1.0},
-        "optim": {"lr": {"lr": 3e-3, "warmup_frac": 0.05}},
-        "train": {"steps": 6, "batch_size": 64, "init_tokens": 128, "dead_after_tokens": 256,
-                  "log_every": 2, "eval_every": 0, "checkpoint_every": 0, "progress": False},
-        "data": {"context_size": 17, "lm_batch_size": 4, "shuffle_buffer": 128,
-                 "heldout_tokens": 64, "heldout_every": 2},
-    }
+    """test_cache_produce's small run config as a mapping, with held-out every 2nd document (small
+    corpora) and `sections` merged in."""
+    base = small_config(model_dir, heldout_every=2).model_dump(mode="json")
     for key, value in sections.items():
         base[key] = {**base.get(key, {}), **value}
     return base

@@ -62,7 +62,8 @@ def test_killed_driver_takes_the_ray_it_started_with_it(toy_clt, tmp_path):
     env = {**os.environ, "RAY_ADDRESS": "", "RAY_TMPDIR": str(ray_tmp),
            "CLT_RAY_TEST_MARK": marker}
     log = (tmp_path / "driver.log").open("w")
-    driver = subprocess.Popen([str(EXE), "autointerp", "--config", str(path), "--topk-only"],
+    driver = subprocess.Popen([str(EXE), "autointerp", "--config", str(path), "--topk-only",
+                               "--address", "local"],  # not the session's Ray (auto finds it)
                               env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline, ray_up = time.monotonic() + 180, None

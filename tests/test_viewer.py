@@ -343,7 +343,10 @@ def test_long_paths_are_refused_without_internal_paths(server, viewer_run):
     for path in ["/ct/" + "a" * 100_000, "/ct/data/" + "a" * 300, "/ct/graph_data/" + "b/" * 50_000,
                  "/static/" + "a/" * 50_000, f"/api/graph/{'a' * 100_000}/node/1",
                  f"/feature/{'9' * 5000}/1", f"/api/feature/1/{'9' * 5000}"]:
-        status, body = raw_get(server, path)
+        try:
+            status, body = raw_get(server, path)
+        except (ConnectionResetError, BrokenPipeError):  # uvicorn may drop a request line this
+            continue  # long before it is all sent: refused, nothing served
         assert status in (400, 404), (path[:40], status, body[:300])
         assert len(body) < 2000 and no_internals(body, viewer_run), (path[:40], body[:300])
 
