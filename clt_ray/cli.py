@@ -248,7 +248,8 @@ def train(config_path: Path | None, run_dir: Path | None, steps: int | None,
     from clt_ray.attribution import graph_scorer_for
     from clt_ray.config import load_config
     from clt_ray.errors import ConfigError
-    from clt_ray.train.run import prepare_run_dir, train_from_config
+    from clt_ray.train.checkpoint import list_checkpoints
+    from clt_ray.train.run import train_from_config
 
     if config_path is None and not (resume and run_dir is not None):
         raise click.UsageError("--config is required (or --resume with --run-dir)")
@@ -258,7 +259,9 @@ def train(config_path: Path | None, run_dir: Path | None, steps: int | None,
         run_dir = (_newest_run(config_path) if resume else
                    Path("runs") / f"{config_path.stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     if resume:
-        prepare_run_dir(run_dir, resume=True)  # no checkpoint: say so, whatever else is missing
+        if not list_checkpoints(run_dir):  # say so first, whatever else is missing (open_run
+            # then verifies the newest one's files: hashing them here too would read them twice)
+            raise CltRayError(f"--resume: {run_dir} has no checkpoint to resume from")
         saved = load_config(run_dir / layout.RUN_CONFIG)
         if cfg is not None:
             a, b = _flat(cfg.model_dump(mode="json")), _flat(saved.model_dump(mode="json"))
