@@ -65,6 +65,7 @@ from clt_ray.features.collect import (
     write_features,
 )
 from clt_ray.features.topk import TopKState, encode_range, merge_all
+from clt_ray.fsutil import is_uri
 from clt_ray.lm import keep_mask, load_model
 from clt_ray.lm.loading import load_tokenizer
 from clt_ray.train.checkpoint import LoadedCheckpoint, load_checkpoint
@@ -189,12 +190,13 @@ def collect_on_ray(checkpoint: str | os.PathLike[str], out: str | os.PathLike[st
         f"{len(ids)} windows ({tokens:,} tokens) of {where} with {actors} actors")
     start, stop = features or (0, loaded.model.cfg.n_features)
     n_ranges = len(feature_ranges(start, stop, s.range_size))
-    args = (str(Path(checkpoint).resolve()), features, [source], s)
+    where = loaded.location  # the exact checkpoint (a URI: each actor fetches it)
+    args = (where if is_uri(where) else str(Path(where).resolve()), features, [source], s)
     with user_errors_unwrapped():
         tables = topk_tables(args, chunks, n_ranges, actors, cpus_per_actor)
     table = pa.concat_tables(tables) if tables else FEATURE_SCHEMA.empty_table()
     rows = table.sort_by([("layer", "ascending"), ("feature", "ascending")]).to_pylist()
-    return write_features(rows, out, {"checkpoint": str(loaded.path), "windows": len(ids),
+    return write_features(rows, out, {"checkpoint": where, "windows": len(ids),
                                       "tokens": int(mask.sum()), "settings": s.model_dump(),
                                       **(extra or {})})
 

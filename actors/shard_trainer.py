@@ -28,12 +28,17 @@ from ray.train.collective import broadcast_from_rank_zero
 from clt_ray.config import Config, parse_config
 from clt_ray.data import ShuffledSource, State, take_tokens
 from clt_ray.errors import ConfigError
+from clt_ray.fsutil import is_uri
 from clt_ray.lm import load_model
 from clt_ray.nn.step import Collectives
 from clt_ray.train.checkpoint import (
+    CHECKPOINTS,
+    CheckpointError,
     checkpoint_path,
+    fetch_checkpoint,
     latest_checkpoint,
     read_manifest,
+    release_fetched,
     save_checkpoint_shard,
 )
 from clt_ray.train.loop import Trainer
@@ -212,11 +217,14 @@ def shard_loop(config: dict[str, Any]) -> None:
         attempt = ray.get(progress.attempt.remote())
 
     restart = ray.train.get_checkpoint()
-    sources, heldout_refs, ckpt_dir = None, None, None
+    sources, heldout_refs, ckpt = None, None, None
     if rank == 0:
         sources, heldout_refs = _rank0_data(cfg, replicas)
-        ckpt_dir = _checkpoint_to_start_from(config["run_dir"], restart)
-    heldout_refs, ckpt_dir = broadcast_from_rank_zero([heldout_refs, ckpt_dir])
+        ckpt = _checkpoint_to_start_from(config["run_dir"], restart)
+    heldout_refs, ckpt = broadcast_from_rank_zero([heldout_refs, ckpt])
+    # in a store: every worker takes its own verified copy to node-local scratch (no node reads
+    # another's disk), removed once loaded
+    ckpt_dir = fetch_checkpoint(ckpt) if ckpt is not None and is_uri(ckpt) else ckpt
 
     def init_batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Rank 0's first init_tokens of its stream, for every shard (init is shard-invariant)."""
@@ -229,6 +237,7 @@ def shard_loop(config: dict[str, Any]) -> None:
         log=(lambda m: print(m, flush=True)) if rank == 0 else None,
         train=cfg.train.model_copy(update={"progress": False}),  # the driver shows progress
         collectives=collectives, record_sink=sink, rank=rank, shards=shards)
+    release_fetched()  # a store's checkpoint copied to this node: loaded, so removed
     if ckpt_dir is not None and sink is not None:  # the driver drops the lost attempt's records
         sink({"kind": "restart", "step": trainer.step, "tokens": trainer.state.tokens,
               "shards": shards, "replicas": replicas, "after_failure": attempt > 1})
@@ -243,7 +252,14 @@ def shard_loop(config: dict[str, Any]) -> None:
 def _checkpoint_to_start_from(run_dir: str, restart: Checkpoint | None) -> str | None:
     """The newest usable checkpoint (every file of its recorded sha256): in the run folder (a
     `--resume`, or one a failed attempt wrote — Ray Train registers checkpoints a poll interval
-    after they land, so its own may lag) or Ray Train's. Damaged newer ones are said and skipped."""
+    after they land, so its own may lag) or Ray Train's. Damaged newer ones are said and skipped.
+    A run folder in a store: the URI of its newest usable checkpoint (Ray Train's are in it)."""
+    if is_uri(run_dir):
+        try:
+            local = fetch_checkpoint(run_dir, log=lambda line: print(line, flush=True))
+        except CheckpointError:
+            return None  # none yet (a fresh run), or none usable
+        return f"{run_dir.rstrip('/')}/{CHECKPOINTS}/{local.name}"
     latest, skipped = latest_checkpoint(run_dir, verify=True)
     for line in skipped:
         print(line, flush=True)

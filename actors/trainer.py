@@ -22,18 +22,22 @@ from tqdm.auto import tqdm
 from clt_ray import layout
 from clt_ray.config import Config
 from clt_ray.errors import ConfigError
-from clt_ray.fsutil import local_path
+from clt_ray.fsutil import Staged
 from clt_ray.lm import load_model
-from clt_ray.train.checkpoint import load_checkpoint
+from clt_ray.train.checkpoint import load_checkpoint, release_fetched
 from clt_ray.train.loop import MetricsFile, progress_postfix
 from clt_ray.train.run import (
     GraphScorerFactory,
+    RunLocation,
     RunResult,
     check_config,
     check_graph_scorer,
     finish_run,
     open_run,
+    stage_run,
 )
+
+METRICS_PUSH_S = 10.0  # how often the driver copies metrics.jsonl to a run folder in a store
 
 # Ray Train waits this long for a worker group to start; its 60 s default made elastic restarts
 # take ~70 s on a stale resource view (docs/design.md §3).
@@ -80,7 +84,7 @@ def _wants_gpu(cfg: Config) -> bool:
     return str(device).startswith("cuda")
 
 
-def train_on_ray(cfg: Config, run_dir: str | os.PathLike[str], *, shards: int = 1,
+def train_on_ray(cfg: Config, run_dir: RunLocation, *, shards: int = 1,
                  replicas: int = 1, resume: bool = False, address: str | None = None,
                  max_failures: int = 0, min_shards: int | None = None,
                  cpus_per_worker: float | None = None, splice: bool = True,
@@ -93,7 +97,6 @@ def train_on_ray(cfg: Config, run_dir: str | os.PathLike[str], *, shards: int = 
     resliced). `graph_scorer`: as in `train_from_config` (graphs are scored on the whole CLT,
     at the end)."""
     start_time = time.monotonic()
-    run_dir = local_path(run_dir, "run_dir")
     clt_cfg = check_config(cfg)  # everything checkable before any actor starts
     check_graph_scorer(cfg, graph_scorer)
     if replicas < 1:
@@ -105,8 +108,29 @@ def train_on_ray(cfg: Config, run_dir: str | os.PathLike[str], *, shards: int = 
         for n in range(min_shards, shards + 1):
             check_shards(n, clt_cfg.n_features)
     use_gpu = _wants_gpu(cfg)
-    open_run(cfg, run_dir, resume, clt_cfg=clt_cfg, log=log)  # a bad run folder fails before Ray
+    run = stage_run(run_dir, resume, log)  # an unreachable store fails before Ray
+    try:
+        open_run(cfg, run, resume, clt_cfg=clt_cfg, log=log)  # a bad run folder too
+        return _train_shard_group(cfg, run, shards=shards, replicas=replicas, address=address,
+                                  max_failures=max_failures, min_shards=min_shards,
+                                  cpus_per_worker=cpus_per_worker, use_gpu=use_gpu,
+                                  splice=splice, log=log, graph_scorer=graph_scorer,
+                                  start_time=start_time)
+    finally:
+        run.close()
+
+
+def _train_shard_group(cfg: Config, run: Staged, *, shards: int, replicas: int,
+                       address: str | None, max_failures: int, min_shards: int | None,
+                       cpus_per_worker: float | None, use_gpu: bool, splice: bool,
+                       log: Callable[[str], None], graph_scorer: GraphScorerFactory | None,
+                       start_time: float) -> RunResult:
+    """train_on_ray after its checks: the shard group on Ray, the driver's progress and metrics,
+    the final evaluation."""
     ensure_ray(address)
+    if not run.remote and len([n for n in ray.nodes() if n["Alive"]]) > 1:
+        log(f"warning: the run folder {run} is local: every node of this cluster must see it "
+            "(a shared filesystem), or give --run-dir an object-store URI (s3://…, gs://…)")
     workers = shards * replicas
     resources = ray.cluster_resources()
     if use_gpu and resources.get("GPU", 0) < workers:
@@ -132,11 +156,12 @@ def train_on_ray(cfg: Config, run_dir: str | os.PathLike[str], *, shards: int = 
                            "replicas": replicas,
                            "threads": int(cpus_per_worker), "use_gpu": use_gpu,
                            "progress": progress,
-                           "run_dir": str(run_dir.resolve())},
+                           "run_dir": run.location if run.remote else str(run.local.resolve())},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus_per_worker}),
-        run_config=RunConfig(
-            storage_path=str(run_dir.resolve()), name=layout.CHECKPOINTS,
+        run_config=RunConfig(  # each shard uploads its slice from its own node
+            storage_path=run.root if run.remote else str(run.local.resolve()),
+            storage_filesystem=run.fs if run.remote else None, name=layout.CHECKPOINTS,
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
     )
@@ -154,11 +179,14 @@ def train_on_ray(cfg: Config, run_dir: str | os.PathLike[str], *, shards: int = 
     thread.start()
     bar = tqdm(total=cfg.train.steps, desc="train", unit="step", dynamic_ncols=True,
                leave=False, disable=not cfg.train.progress)
-    metrics = MetricsFile(run_dir, log=log)  # a torn last line is dropped, and said
+    metrics = MetricsFile(run.local, log=log)  # a torn last line is dropped, and said
+    pushed = time.monotonic()
     try:
         while True:
             alive = thread.is_alive()
-            _drain(progress, metrics, bar)
+            if _drain(progress, metrics, bar) and time.monotonic() - pushed > METRICS_PUSH_S:
+                run.push(layout.METRICS)  # a store has no append: the whole file, now and then
+                pushed = time.monotonic()
             if not alive:
                 break
             time.sleep(0.5)
@@ -167,19 +195,22 @@ def train_on_ray(cfg: Config, run_dir: str | os.PathLike[str], *, shards: int = 
         ray.kill(progress)
     if "error" in outcome:
         raise outcome["error"]
-    clt, state, _ = load_checkpoint(run_dir, log=log)  # newest usable; damaged ones said
+    # the newest usable checkpoint (damaged ones said), from the store for a URI run folder
+    clt, state, _ = load_checkpoint(run.location if run.remote else run.local, log=log)
+    release_fetched()  # the local copy of a store's checkpoint: loaded, so no longer needed
     lm, tokenizer = load_model(cfg.model)
-    return finish_run(cfg, run_dir, clt, state, lm=lm, tokenizer=tokenizer,
+    return finish_run(cfg, run, clt, state, lm=lm, tokenizer=tokenizer,
                       start_time=start_time, splice=splice,
                       graph_scorer=graph_scorer(cfg, lm, tokenizer) if graph_scorer else None)
 
 
-def _drain(progress: Any, metrics: MetricsFile, bar: Any) -> None:
-    """Append rank 0's records to metrics.jsonl; a restart record (the group restarted from a
-    checkpoint after a failure) first drops what the lost attempt logged after that step."""
+def _drain(progress: Any, metrics: MetricsFile, bar: Any) -> bool:
+    """Append rank 0's records to metrics.jsonl (True if there were any); a restart record (the
+    group restarted from a checkpoint after a failure) first drops what the lost attempt logged
+    after that step."""
     records = ray.get(progress.take.remote())
     if not records:
-        return
+        return False
     for rec in records:
         if rec["kind"] == "restart":
             metrics.truncate_after(rec["step"])
@@ -189,3 +220,4 @@ def _drain(progress: Any, metrics: MetricsFile, bar: Any) -> None:
     if last["kind"] == "train":
         bar.set_postfix(progress_postfix(last), refresh=False)
     bar.refresh()
+    return True

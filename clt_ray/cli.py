@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import click
+from pyarrow.fs import FileType
 
 from clt_ray import layout
 from clt_ray.config import TOY_ARCHS
 from clt_ray.errors import CltRayError
-from clt_ray.fsutil import LocationError, is_uri, local_path
+from clt_ray.fsutil import LocationError, Staged, check_scheme, is_uri, local_path
 
 
 def _format_scores(scores: dict) -> str:
@@ -50,6 +51,22 @@ class LocalPath(click.Path):
             except LocationError as exc:
                 self.fail(str(exc), param, ctx)
         return super().convert(value, param, ctx)
+
+
+class Location(click.ParamType):
+    """A local path or a URI in any store pyarrow or fsspec knows (`s3://…`, `gs://…`): a str.
+    A scheme nothing understands is one error here (no connection is made yet)."""
+
+    name = "location"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        value = str(value)
+        if is_uri(value):
+            try:
+                check_scheme(value)
+            except LocationError as exc:
+                self.fail(str(exc), param, ctx)
+        return value
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -218,9 +235,10 @@ def _newest_run(config_path: Path) -> Path:
 @click.option("--config", "config_path", type=LocalPath(dir_okay=False, path_type=Path),
               default=None, help="Run config (YAML, see examples/). With --resume it is optional "
               "(the run's own config.yaml is used) and must match the run's if given.")
-@click.option("--run-dir", type=LocalPath(file_okay=False, path_type=Path), default=None,
-              help="Default: runs/<config name>-<date>-<time>; with --resume: the newest "
-              "runs/<config name>-*.")
+@click.option("--run-dir", type=Location(), default=None,
+              help="A local folder or a URI in a store (s3://bucket/run, gs://…; the store's "
+              "standard settings apply, e.g. AWS_ENDPOINT_URL). Default: "
+              "runs/<config name>-<date>-<time>; with --resume: the newest runs/<config name>-*.")
 @click.option("--steps", type=click.IntRange(min=1), default=None,
               help="Override train.steps (the run's total steps; schedules stretch to it).")
 @click.option("--resume", is_flag=True,
@@ -236,7 +254,7 @@ def _newest_run(config_path: Path) -> Path:
               help="On Ray: restarts from the last checkpoint after losing a worker or node.")
 @click.option("--address", default=None, help="Ray cluster address (default: a running local "
               "Ray, else a new one; `local`: a new one).")
-def train(config_path: Path | None, run_dir: Path | None, steps: int | None,
+def train(config_path: Path | None, run_dir: str | None, steps: int | None,
           resume: bool, shards: int | None, replicas: int | None, min_shards: int | None,
           max_failures: int, address: str | None) -> None:
     """Train a CLT, in this process or feature-sharded on Ray (--shards N).
@@ -249,27 +267,30 @@ def train(config_path: Path | None, run_dir: Path | None, steps: int | None,
     from clt_ray.config import load_config
     from clt_ray.errors import ConfigError
     from clt_ray.train.checkpoint import list_checkpoints
-    from clt_ray.train.run import train_from_config
+    from clt_ray.train.run import RunLocation, stage_run, train_from_config
 
     if config_path is None and not (resume and run_dir is not None):
         raise click.UsageError("--config is required (or --resume with --run-dir)")
     cfg = load_config(config_path) if config_path is not None else None
     if run_dir is None:
         assert config_path is not None
-        run_dir = (_newest_run(config_path) if resume else
-                   Path("runs") / f"{config_path.stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir = str(_newest_run(config_path) if resume else
+                      Path("runs") / f"{config_path.stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run: RunLocation = run_dir
     if resume:
-        if not list_checkpoints(run_dir):  # say so first, whatever else is missing (open_run
-            # then verifies the newest one's files: hashing them here too would read them twice)
+        staged = stage_run(run_dir, resume=True, log=click.echo)  # a store: its files, local
+        run = staged
+        if not list_checkpoints(staged.local):  # say so first, whatever else is missing
+            # (open_run then verifies the newest one's files)
             raise CltRayError(f"--resume: {run_dir} has no checkpoint to resume from")
-        saved = load_config(run_dir / layout.RUN_CONFIG)
+        saved = load_config(staged.local / layout.RUN_CONFIG)
         if cfg is not None:
             a, b = _flat(cfg.model_dump(mode="json")), _flat(saved.model_dump(mode="json"))
             diff = sorted(k for k in a.keys() | b.keys()
                           if a.get(k) != b.get(k) and k != "train.steps")
             if diff:
                 raise ConfigError(f"{config_path} differs from the run's config "
-                                  f"{run_dir / layout.RUN_CONFIG} in: {', '.join(diff)}")
+                                  f"{staged.uri(layout.RUN_CONFIG)} in: {', '.join(diff)}")
         cfg = saved
     assert cfg is not None
     if steps is not None:
@@ -281,7 +302,7 @@ def train(config_path: Path | None, run_dir: Path | None, steps: int | None,
     if sharded or (address is not None and cfg.data.source != "producers"):
         from clt_ray.actors.trainer import train_on_ray
 
-        result = train_on_ray(cfg, run_dir, shards=shards or 1, replicas=replicas or 1,
+        result = train_on_ray(cfg, run, shards=shards or 1, replicas=replicas or 1,
                               resume=resume, address=address, max_failures=max_failures,
                               min_shards=min_shards, log=click.echo,
                               graph_scorer=graph_scorer_for)
@@ -297,7 +318,7 @@ def train(config_path: Path | None, run_dir: Path | None, steps: int | None,
         ensure_ray(address)
         blocks = ProducerBlocks(cfg.model, cfg.data)
     try:
-        result = train_from_config(cfg, run_dir, resume=resume, log=click.echo, blocks=blocks,
+        result = train_from_config(cfg, run, resume=resume, log=click.echo, blocks=blocks,
                                    graph_scorer=graph_scorer_for)
     finally:
         if blocks is not None:
@@ -305,7 +326,7 @@ def train(config_path: Path | None, run_dir: Path | None, steps: int | None,
     _print_result(cfg, result, run_dir)
 
 
-def _print_result(cfg, result, run_dir: Path) -> None:
+def _print_result(cfg, result, run_dir: str) -> None:
     """The run's end for people; a run stopped by Ctrl-C then exits 130, as scripts expect."""
     click.echo(f"{'stopped' if result.step < cfg.train.steps else 'finished'} at step "
                f"{result.step} of {cfg.train.steps} in {result.seconds:.0f} s; held-out:")
@@ -369,7 +390,7 @@ def cache(config_path: Path, out: str, tokens: int, bits: str, zstd_level: int,
 
 
 @cli.command("eval")
-@click.argument("checkpoint", type=LocalPath(exists=True, path_type=Path))
+@click.argument("checkpoint", type=Location())
 @click.option("--batches", type=click.IntRange(min=1), default=None,
               help="Evaluate at most this many batches of held-out windows.")
 @click.option("--tokens", type=click.IntRange(min=1), default=None,
@@ -380,7 +401,7 @@ def cache(config_path: Path, out: str, tokens: int, bits: str, zstd_level: int,
               "run config's model.device).")
 @click.option("--no-splice", is_flag=True, help="Skip the CE/KL splice passes.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
-def eval_command(checkpoint: Path, batches: int | None, tokens: int | None,
+def eval_command(checkpoint: str, batches: int | None, tokens: int | None,
                  batch_size: int | None, device: str | None, no_splice: bool,
                  as_json: bool) -> None:
     """Evaluate a checkpoint (or a run folder's latest) on held-out data of its run's corpus.
@@ -392,15 +413,15 @@ def eval_command(checkpoint: Path, batches: int | None, tokens: int | None,
 
     from clt_ray.eval.metrics import evaluate_checkpoint, format_report
 
-    result = evaluate_checkpoint(str(checkpoint), batches=batches, tokens=tokens,
+    result = evaluate_checkpoint(_existing(checkpoint, "CHECKPOINT"), batches=batches, tokens=tokens,
                                  batch_size=batch_size, device=device, splice=not no_splice,
                                  log=lambda m: click.echo(f"warning: {m}", err=True))
     click.echo(json.dumps(result, indent=1) if as_json else format_report(result))
 
 
 @cli.command("export")
-@click.argument("checkpoint", type=LocalPath(exists=True, path_type=Path))
-@click.argument("out", type=LocalPath(file_okay=False, path_type=Path))
+@click.argument("checkpoint", type=Location())
+@click.argument("out", type=Location())
 @click.option("--model-name", default=None, help="Model circuit-tracer should load (default: "
               "the run config's model; toy and local models as absolute paths).")
 @click.option("--scan", default=None, help="Feature-dashboard scan name (default: "
@@ -414,7 +435,7 @@ def eval_command(checkpoint: Path, batches: int | None, tokens: int | None,
               "pass of the LM (default: the run config's model.device).")
 @click.option("--force", is_flag=True, help="Replace OUT if it holds a previous clt-ray export "
               "(any other non-empty OUT is refused).")
-def export_command(checkpoint: Path, out: Path, model_name: str | None, scan: str | None,
+def export_command(checkpoint: str, out: str, model_name: str | None, scan: str | None,
                    calibration_tokens: int | None, dtype: str, device: str | None,
                    force: bool) -> None:
     """Write a checkpoint as a circuit-tracer CLT folder (normalisation folded into the weights).
@@ -425,7 +446,7 @@ def export_command(checkpoint: Path, out: Path, model_name: str | None, scan: st
     from clt_ray.export import export_checkpoint, read_export_config
     from clt_ray.lm.loading import to_dtype
 
-    path = export_checkpoint(checkpoint, out, model_name=model_name, scan=scan,
+    path = export_checkpoint(_existing(checkpoint, "CHECKPOINT"), out, model_name=model_name, scan=scan,
                              calibration_tokens=calibration_tokens, dtype=to_dtype(dtype),
                              device=device, force=force,
                              log=lambda m: click.echo(f"warning: {m}", err=True))
@@ -435,16 +456,34 @@ def export_command(checkpoint: Path, out: Path, model_name: str | None, scan: st
                f"to {path}\n  model_name: {cfg['model_name']}\n  scan: {cfg['scan']}")
 
 
-def _exported_clt(clt: Path, out: Path) -> Path:
-    """An exported CLT folder as given, or a checkpoint / run folder exported to OUT/clt."""
-    from clt_ray.export import CONFIG_FILE, export_checkpoint
+def _exported_clt(clt: str, out: Path) -> Path:
+    """An exported CLT folder as given (from a store: its local copy), or a checkpoint / run
+    folder exported to OUT/clt."""
+    from clt_ray.export import CONFIG_FILE, export_checkpoint, is_export
 
-    if (clt / CONFIG_FILE).is_file() and "model_kind" in (clt / CONFIG_FILE).read_text():
-        return clt
+    if is_uri(clt):
+        staged = Staged(clt, "--clt")  # removed at exit
+        if staged.pull(CONFIG_FILE) and is_export(staged.local):
+            staged.pull()
+            return staged.local
+    elif (Path(clt) / CONFIG_FILE).is_file() and is_export(Path(clt)):
+        return Path(clt)
     path = export_checkpoint(clt, out / "clt", force=True,  # replaces only an earlier export
                              log=lambda m: click.echo(f"warning: {m}", err=True))
     click.echo(f"exported {clt} for circuit-tracer to {path}")
     return path
+
+
+def _existing(location: str, what: str) -> str:
+    """A location that must exist: a local path is checked here, a URI by one request to its
+    store (nothing there, an unreachable store or refused credentials: one error)."""
+    from clt_ray.fsutil import reach
+
+    missing = (reach(location)[2] == FileType.NotFound if is_uri(location)
+               else not Path(location).exists())
+    if missing:
+        raise CltRayError(f"{what} {location} does not exist")
+    return location
 
 
 def _graph_options(fn):
@@ -461,14 +500,14 @@ def _graph_options(fn):
 
 
 @cli.command("attribute")
-@click.option("--clt", "clt", required=True, type=LocalPath(exists=True, file_okay=False,
-              path_type=Path), help="An exported CLT folder (`clt-ray export`), or a checkpoint "
+@click.option("--clt", "clt", required=True, type=Location(), help="An exported CLT folder (`clt-ray export`), or a checkpoint "
               "or run folder (exported into OUT/clt first).")
 @click.option("--prompt", "prompts", multiple=True, help="A prompt (repeatable).")
 @click.option("--prompts-file", type=LocalPath(exists=True, dir_okay=False, path_type=Path),
               default=None, help="One prompt per line.")
-@click.option("--out", required=True, type=LocalPath(file_okay=False, path_type=Path),
-              help="Output folder: graph JSON, graph-metadata.json, features/, graphs.parquet.")
+@click.option("--out", required=True, type=Location(),
+              help="Output folder (a local path or a URI): graph JSON, graph-metadata.json, "
+              "features/, graphs.parquet.")
 @_graph_options
 @click.option("--max-feature-nodes", type=click.IntRange(min=1), default=4096, show_default=True,
               help="Cap on feature nodes (the adjacency is dense: memory grows with nodes²).")
@@ -483,7 +522,7 @@ def _graph_options(fn):
               "CLT's training corpus, held-out part).")
 @click.option("--example-tokens", type=click.IntRange(min=1), default=16384, show_default=True,
               help="Held-out tokens searched for each feature's top examples.")
-def attribute_command(clt: Path, prompts: tuple[str, ...], prompts_file: Path | None, out: Path,
+def attribute_command(clt: str, prompts: tuple[str, ...], prompts_file: Path | None, out: str,
                       model: str | None, backend: str, device: str, max_feature_nodes: int,
                       max_n_logits: int, desired_logit_prob: float, batch_size: int,
                       node_threshold: float, edge_threshold: float, corpus: str | None,
@@ -502,9 +541,14 @@ def attribute_command(clt: Path, prompts: tuple[str, ...], prompts_file: Path | 
     settings = GraphSettings(max_feature_nodes=max_feature_nodes, max_n_logits=max_n_logits,
                              desired_logit_prob=desired_logit_prob, batch_size=batch_size,
                              node_threshold=node_threshold, edge_threshold=edge_threshold)
-    rows = attribute_prompts(_exported_clt(clt, out), texts, out, model=model, backend=backend,
-                             settings=settings, device=device, corpus=corpus,
-                             example_tokens=example_tokens, log=click.echo)
+    _existing(clt, "--clt")
+    with Staged(out, "--out") as staged:  # a URI: made in node-local scratch, then pushed
+        staged.pull()  # what an earlier run put there (the graph index grows as locally)
+        rows = attribute_prompts(_exported_clt(clt, staged.local), texts, staged.local,
+                                 model=model, backend=backend, settings=settings,
+                                 device=device, corpus=corpus, example_tokens=example_tokens,
+                                 log=click.echo)
+        staged.push(last=[layout.GRAPH_METADATA])
     click.echo(format_summary(rows))
     click.echo(f"graphs, dashboards and {layout.GRAPH_SUMMARY} in {out}; view them with "
                f"`clt-ray serve RUN_DIR --graphs {out}` (with the run's features and curves) "
@@ -538,17 +582,18 @@ def intervene_command(clt: Path, prompt: str, settings: tuple[str, ...], target:
 
 
 @cli.command("serve-graphs")
-@click.argument("folder", type=LocalPath(exists=True, file_okay=False, path_type=Path))
+@click.argument("folder", type=Location())
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Interface to bind (0.0.0.0 exposes the graphs to the network).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8032, show_default=True,
               help="0 picks a free port.")
-def serve_graphs(folder: Path, host: str, port: int) -> None:
+def serve_graphs(folder: str, host: str, port: int) -> None:
     """circuit-tracer's graph viewer over an `attribute` output folder (Ctrl-C stops it).
     Served by clt-ray's viewer, not circuit-tracer's own server: only files inside FOLDER, only
     requests addressed to HOST, offline, read-only."""
     from clt_ray.viewer import GraphsServer
 
+    folder = _local_copy(folder, "FOLDER")
     if not (folder / layout.GRAPH_METADATA).is_file():
         raise CltRayError(f"{folder} has no {layout.GRAPH_METADATA}: make graphs with "
                           "`clt-ray attribute --out FOLDER` first")
@@ -561,21 +606,37 @@ def serve_graphs(folder: Path, host: str, port: int) -> None:
 
 
 @cli.command("serve")
-@click.argument("run_dir", type=LocalPath(path_type=Path))
+@click.argument("run_dir", type=Location())
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Interface to bind (0.0.0.0 exposes the viewer to the network).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8050, show_default=True,
               help="0 picks a free port.")
-@click.option("--graphs", "graphs", type=LocalPath(file_okay=False, path_type=Path),
+@click.option("--graphs", "graphs", type=Location(),
               default=None, help="An `attribute` output folder (default RUN_DIR/graphs).")
-@click.option("--autointerp", "autointerp", type=LocalPath(file_okay=False, path_type=Path),
+@click.option("--autointerp", "autointerp", type=Location(),
               default=None, help="An `autointerp` output folder (default RUN_DIR/autointerp).")
-def serve_command(run_dir: Path, host: str, port: int, graphs: Path | None,
-                  autointerp: Path | None) -> None:
+def serve_command(run_dir: str, host: str, port: int, graphs: str | None,
+                  autointerp: str | None) -> None:
     """The web viewer over a run folder: feature browser and dashboards, attribution graphs,
-    training curves (Ctrl-C stops it)."""
-    paths = _viewer_paths(run_dir, graphs, autointerp)
+    training curves (Ctrl-C stops it). Locations in a store are read through a local copy
+    taken at start (a run folder's checkpoints are not copied: the viewer does not read them)."""
+    paths = _viewer_paths(_local_copy(run_dir, "RUN_DIR", skip=(layout.CHECKPOINTS,)),
+                          _local_copy(graphs, "--graphs") if graphs else None,
+                          _local_copy(autointerp, "--autointerp") if autointerp else None)
     _serve_until_interrupted(paths, host, port)
+
+
+def _local_copy(location: str, what: str, skip: Sequence[str] = ()) -> Path:
+    """A local folder as is; a folder in a store copied into node-local scratch (removed at
+    exit), without the top-level entries in `skip`."""
+    if not is_uri(location):
+        return Path(location)
+    _existing(location, what)
+    staged = Staged(location, what)
+    for name in staged.entries():
+        if name not in skip:
+            staged.pull(name)
+    return staged.local
 
 
 def _viewer_paths(run_dir: Path, graphs: Path | None = None, autointerp: Path | None = None):
@@ -639,8 +700,9 @@ def autointerp_command(config_path: Path, out: str | None, address: str | None,
     cfg = load_config(config_path, AutoInterpConfig)
     if out is not None:
         cfg = cfg.model_copy(update={"out": out})
-    local_path(cfg.out, "out")
-    local_path(cfg.checkpoint, "checkpoint")
+    for location in (cfg.out, cfg.checkpoint):  # an unknown scheme: one line, before any work
+        if is_uri(location):
+            check_scheme(location)
     summary = run_autointerp_on_ray(cfg, log=click.echo, progress=True, address=address,
                                     topk_only=topk_only)
     if topk_only:

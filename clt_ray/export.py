@@ -38,7 +38,7 @@ from clt_ray import layout
 from clt_ray.config import HOOK_PAIRS, Config
 from clt_ray.data import heldout_windows, window_activations
 from clt_ray.errors import CltRayError
-from clt_ray.fsutil import atomic_dir
+from clt_ray.fsutil import Staged, atomic_dir, filesystem, is_uri
 from clt_ray.lm import load_model
 from clt_ray.lm.loading import check_device, resolve_model_path
 from clt_ray.nn.clt import CrossLayerTranscoder
@@ -111,6 +111,28 @@ def check_destination(out_dir: str | os.PathLike[str], *, force: bool = False,
                           "export: nothing written; export into a new or empty folder")
     if not force:
         raise ExportError(f"{out_dir} already holds a clt-ray export: pass --force to replace it")
+
+
+def check_store_destination(out: Staged, *, force: bool = False, source: str | None = None
+                            ) -> list[str]:
+    """check_destination for a destination in a store (a URI): new, empty, or (force=True) a
+    previous export; never the checkpoint exported, a folder of it or one inside it. Returns
+    what is there (the previous export's entries)."""
+    if source is not None and is_uri(source):
+        a, b = out.location.rstrip("/") + "/", source.rstrip("/") + "/"
+        if a.startswith(b) or b.startswith(a):
+            raise ExportError(f"{out} and the checkpoint {source} being exported overlap: "
+                              "export into a new folder")
+    entries = out.entries()
+    if not entries:
+        return entries
+    if CONFIG_FILE not in entries or not out.pull(CONFIG_FILE) or not is_export(out.local):
+        listed = ", ".join(entries[:3]) + (", …" if len(entries) > 3 else "")
+        raise ExportError(f"{out} is not empty ({listed}) and is not a previous clt-ray "
+                          "export: nothing written; export into a new or empty folder")
+    if not force:
+        raise ExportError(f"{out} already holds a clt-ray export: pass --force to replace it")
+    return entries
 
 
 def default_scan(out_dir: str | os.PathLike[str]) -> str:
@@ -204,7 +226,11 @@ def export_clt(
 
 
 def read_export_config(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """config.yaml of an exported folder."""
+    """config.yaml of an exported folder (a local path or a URI)."""
+    if is_uri(out_dir):
+        fs, root = filesystem(out_dir)
+        with fs.open_input_stream(f"{root.rstrip('/')}/{CONFIG_FILE}") as f:
+            return yaml.safe_load(f.read().decode())
     return yaml.safe_load((Path(out_dir) / CONFIG_FILE).read_text())
 
 
@@ -219,7 +245,7 @@ def export_checkpoint(
     device: str | None = None,
     force: bool = False,
     log: Log | None = None,
-) -> Path:
+) -> Path | str:
     """Export a checkpoint (or a run folder's latest usable one) with the hooks and model of its
     run config.
 
@@ -228,9 +254,15 @@ def export_checkpoint(
     JumpReLU on the input activations of `calibration_tokens` held-out tokens of its run's corpus
     (default data.heldout_tokens), which needs the LM, run on `device` (default: the config's
     model.device). out_dir: as in `export_clt` (force), and never the checkpoint, a folder holding
-    it or one inside it. log: where lines about skipped damaged checkpoints go."""
+    it or one inside it; a URI is written through node-local scratch (`_export_to_store`). log:
+    where lines about skipped damaged checkpoints go."""
     if device is not None:
         check_device(device)
+    if is_uri(out_dir):
+        return _export_to_store(checkpoint, str(out_dir), model_name=model_name,
+                                scan=scan or default_scan(out_dir),
+                                calibration_tokens=calibration_tokens, dtype=dtype,
+                                device=device, force=force, log=log)
     source = resolve_checkpoint(checkpoint, log=lambda _: None)  # load_checkpoint says skips
     check_destination(out_dir, force=force, source=source)  # before anything is loaded
     loaded = load_checkpoint(checkpoint, log=log)
@@ -254,6 +286,24 @@ def export_checkpoint(
         extra["data"] = cfg.data.model_dump(mode="json", include=set(DASHBOARD_DATA_KEYS))
     return export_clt(clt, out_dir, model_name, input_hook, cfg.model.output_hook if cfg else None,
                       scan, calibration=calibration, dtype=dtype, extra=extra, force=force)
+
+
+def _export_to_store(checkpoint: str | os.PathLike[str], out_dir: str, *, force: bool,
+                     **options: Any) -> str:
+    """export_checkpoint to a URI: written in node-local scratch, then pushed with config.yaml
+    last (an export in a store is whole once its config.yaml is there). A previous export
+    (force) loses its config.yaml first and its stale objects after."""
+    with Staged(out_dir, "export destination") as out:
+        before = check_store_destination(out, force=force, source=str(checkpoint))
+        export_checkpoint(checkpoint, out.local, force=True, **options)
+        if before:  # the old export is marked incomplete while it is replaced
+            out.remove(CONFIG_FILE, local=False)
+        out.push(last=[CONFIG_FILE])
+        written = {p.name for p in out.local.iterdir()}
+        for name in before:
+            if name not in written:
+                out.remove(name)
+    return out_dir
 
 
 def _heldout_inputs(cfg: Config, n_tokens: int | None, device: str | None = None) -> Tensor:

@@ -7,13 +7,16 @@ half-written file or folder where a finished one is expected."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Self
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -57,12 +60,18 @@ def filesystem(location: str | os.PathLike[str]) -> tuple[pafs.FileSystem, str]:
 
 
 def reach(location: str | os.PathLike[str]) -> tuple[pafs.FileSystem, str, pafs.FileType]:
-    """(filesystem, path, what is there) after one request to the store: an endpoint that does not
-    answer, refused credentials or a missing bucket is one LocationError here, before any
-    work."""
+    """(filesystem, path, what is there) after one request to the store (two when nothing is
+    there: is the bucket?): an endpoint that does not answer, refused credentials or a missing
+    bucket is one LocationError here, before any work."""
     fs, path = filesystem(location)
     try:
-        return fs, path, fs.get_file_info(path).type
+        kind = fs.get_file_info(path).type
+        bucket = path.split("/", 1)[0]
+        if (kind == pafs.FileType.NotFound and fs.type_name in ("s3", "gcs") and bucket != path
+                and fs.get_file_info(bucket).type == pafs.FileType.NotFound):
+            raise LocationError(f"{location}: the bucket {bucket!r} does not exist (or these "
+                                "credentials cannot see it)")
+        return fs, path, kind
     except OSError as exc:
         raise LocationError(f"{location}: the store cannot be reached ({' '.join(str(exc).split())})"
                             "; check its endpoint and credentials (e.g. AWS_ENDPOINT_URL, "
@@ -87,10 +96,156 @@ def local_path(location: str | os.PathLike[str], what: str) -> Path:
     named `s3:/…`."""
     if is_uri(location):
         check_scheme(str(location))
-        raise LocationError(f"{what} {location}: object-storage locations are not supported here "
-                            "yet; give a local path (activation caches, `cache --out` and "
-                            "`data.cache`, may be URIs)")
+        raise LocationError(f"{what} {location}: this takes a local path, not a location in "
+                            "a store")
     return Path(location)
+
+
+# --- staging: a location in a store worked on through a node-local folder ----------------------
+
+
+def scratch_root() -> Path:
+    """Node-local scratch for locations in a store: $CLT_RAY_SCRATCH, else under the temp dir."""
+    return Path(os.environ.get("CLT_RAY_SCRATCH") or
+                Path(tempfile.gettempdir()) / "clt-ray-scratch")
+
+
+COPY_THREADS = 8  # files copied at once to or from a store (each a stream of its own)
+
+
+class Staged:
+    """A location worked on through a local folder, so every reader and writer is one
+    implementation with plain file calls. A local location is its own folder (`pull`/`push` do
+    nothing). A URI gets a fresh folder in node-local scratch: `pull` copies entries from the
+    store into it, `push` copies entries back as whole objects (stores have no append or rename:
+    what must mark completeness goes in `last`, written after the rest), `close` removes it (also
+    at exit). `what` names the location in errors."""
+
+    def __init__(self, location: str | os.PathLike[str], what: str = "location") -> None:
+        self.location, self.what = str(location), what
+        self.remote = is_uri(location)
+        if self.remote:
+            self.fs, self.root = filesystem(self.location)
+            scratch_root().mkdir(parents=True, exist_ok=True)
+            self.local = Path(tempfile.mkdtemp(prefix="stage-", dir=scratch_root()))
+            atexit.register(self.close)
+        else:
+            self.fs, self.root = pafs.LocalFileSystem(), self.location
+            self.local = Path(location)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __str__(self) -> str:
+        return self.location
+
+    def uri(self, name: str = "") -> str:
+        """The location of entry `name` (a relative path) as the user would write it."""
+        return f"{self.location.rstrip('/')}/{name}" if name else self.location
+
+    def _path(self, name: str) -> str:
+        return f"{self.root.rstrip('/')}/{name}" if name else self.root
+
+    def _store_error(self, exc: OSError) -> LocationError:
+        return LocationError(f"{self.what} {self.location}: the store failed "
+                             f"({' '.join(str(exc).split())})")
+
+    def entries(self, name: str = "") -> list[str]:
+        """Names directly under entry `name` (a folder) in the location; [] if it is not one."""
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(self._path(name),
+                                                            allow_not_found=True))
+        except OSError as exc:
+            raise self._store_error(exc) from None
+        return sorted(info.base_name for info in infos)
+
+    def exists(self, name: str) -> bool:
+        try:
+            return self.fs.get_file_info(self._path(name)).type != pafs.FileType.NotFound
+        except OSError as exc:
+            raise self._store_error(exc) from None
+
+    def _files(self, fs: pafs.FileSystem, path: str) -> list[str]:
+        """Relative paths of the files under `path` (itself: [""] for a file)."""
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.File:
+            return [""]
+        if info.type != pafs.FileType.Directory:
+            return []
+        found = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        return sorted(i.path[len(path.rstrip("/")) + 1:] for i in found
+                      if i.type == pafs.FileType.File)
+
+    def _copy(self, pairs: Iterable[tuple[pafs.FileSystem, str, pafs.FileSystem, str]]) -> None:
+        def one(pair: tuple[pafs.FileSystem, str, pafs.FileSystem, str]) -> None:
+            src_fs, src, dst_fs, dst = pair
+            if isinstance(dst_fs, pafs.LocalFileSystem):
+                Path(dst).parent.mkdir(parents=True, exist_ok=True)
+            with src_fs.open_input_stream(src) as fin, dst_fs.open_output_stream(dst) as fout:
+                while chunk := fin.read(1 << 24):
+                    fout.write(chunk)
+
+        try:
+            with ThreadPoolExecutor(COPY_THREADS) as pool:
+                list(pool.map(one, list(pairs)))
+        except OSError as exc:
+            raise self._store_error(exc) from None
+
+    def pull(self, name: str = "") -> bool:
+        """Copy entry `name` (a file or folder tree) from the store into the local folder;
+        False if the store has no such entry."""
+        if not self.remote:
+            return (self.local / name).exists()
+        src = self._path(name)
+        try:
+            files = self._files(self.fs, src)
+        except OSError as exc:
+            raise self._store_error(exc) from None
+        local = pafs.LocalFileSystem()
+        self._copy((self.fs, f"{src}/{f}" if f else src, local,
+                    str(self.local / name / f) if f else str(self.local / name)) for f in files)
+        return bool(files)
+
+    def push(self, name: str = "", last: Iterable[str] = ()) -> None:
+        """Copy local entry `name` (a file or folder tree) to the store; the files named in
+        `last` (relative to it) after every other."""
+        if not self.remote:
+            return
+        src = self.local / name
+        local = pafs.LocalFileSystem()
+        files = self._files(local, str(src))
+        late = [f for f in files if f in set(last)]
+
+        def pairs(names: list[str]) -> Iterator[tuple[pafs.FileSystem, str, pafs.FileSystem, str]]:
+            for f in names:
+                yield (local, str(src / f) if f else str(src), self.fs,
+                       self._path(f"{name}/{f}".strip("/") if f else name))
+
+        self._copy(pairs([f for f in files if f not in late]))
+        self._copy(pairs(late))
+
+    def remove(self, name: str, local: bool = True) -> None:
+        """Delete entry `name` (a file or folder tree) in the store (and locally, unless
+        local=False)."""
+        if self.remote:
+            try:
+                info = self.fs.get_file_info(self._path(name))
+                if info.type == pafs.FileType.Directory:
+                    self.fs.delete_dir(self._path(name))
+                elif info.type == pafs.FileType.File:
+                    self.fs.delete_file(self._path(name))
+            except OSError as exc:
+                raise self._store_error(exc) from None
+        if local:
+            _remove(self.local / name)
+
+    def close(self) -> None:
+        """Remove the scratch folder of a URI (a local location is left as it is)."""
+        if self.remote:
+            shutil.rmtree(self.local, ignore_errors=True)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:

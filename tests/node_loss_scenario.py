@@ -2,8 +2,11 @@
 it gets its own Ray): train 2 shards, one per node, remove the node of one shard mid-run, and
 either add a node back (the restart keeps 2 shards) or not (elastic: 1 shard, resliced).
 
-    python tests/node_loss_scenario.py MODEL_DIR RUN_DIR keep|reslice
-Prints one JSON line: the run's final step, the steps of its checkpoints, the restarts."""
+    python tests/node_loss_scenario.py MODEL_DIR RUN keep|reslice [SCRATCH]
+RUN: a local folder or a URI in a store. SCRATCH: a folder in which the driver and each node get a
+node-local scratch folder of their own (CLT_RAY_SCRATCH), so no node sees another's files.
+Prints one JSON line: the run's final step, the steps of its checkpoints, the restarts, and the
+files left in the scratch folders."""
 
 from __future__ import annotations
 
@@ -28,12 +31,26 @@ def main() -> None:
     from ray.cluster_utils import Cluster
     from test_cache_produce import config
 
-    model_dir, run_dir, mode = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+    from clt_ray.fsutil import Staged
+
+    model_dir, run_dir, mode = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+    scratch = Path(sys.argv[4]) if len(sys.argv) > 4 else None
+    folder = Staged(run_dir)  # reads the store's listing (a local folder: itself)
     cfg = config(model_dir)
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={
         "steps": STEPS, "checkpoint_every": 100, "keep_checkpoints": 30, "log_every": 10})})
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    node = cluster.add_node(num_cpus=1)
+
+    def node_env(name: str) -> dict:
+        if scratch is None:
+            return {}
+        return {"env_vars": {"CLT_RAY_SCRATCH": str(scratch / name)}}
+
+    if scratch is not None:
+        os.environ["CLT_RAY_SCRATCH"] = str(scratch / "driver")
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1,
+                                                            "include_dashboard": False,
+                                                            **node_env("head")})
+    node = cluster.add_node(num_cpus=1, **node_env("node-1"))
     ray.init(address=cluster.address, log_to_driver=False)
     out: dict = {}
 
@@ -51,21 +68,24 @@ def main() -> None:
     # step 200 on disk: step 100's report is surely registered (Ray Train copies a checkpoint
     # into the run folder before it registers it; a node lost mid-copy restarts from the one
     # before)
-    first = run_dir / "checkpoints" / "step_000000200"
+    first = "checkpoints/step_000000200"
     deadline = time.monotonic() + 240
-    while not first.exists() and time.monotonic() < deadline and thread.is_alive():
-        time.sleep(0.02)
+    while not folder.exists(first) and time.monotonic() < deadline and thread.is_alive():
+        time.sleep(0.05)
     removed_at, mid_run = None, False
-    if first.exists() and thread.is_alive():
-        mid_run = not (run_dir / "checkpoints" / f"step_{STEPS:09d}").exists()
+    if folder.exists(first) and thread.is_alive():
+        mid_run = not folder.exists(f"checkpoints/step_{STEPS:09d}")
         cluster.remove_node(node)
         removed_at = time.monotonic()
         if mode == "keep":
-            cluster.add_node(num_cpus=1)
+            cluster.add_node(num_cpus=1, **node_env("node-2"))
     thread.join(timeout=400)
-    steps = sorted(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*"))
+    steps = sorted(int(n.split("_")[1]) for n in folder.entries("checkpoints")
+                   if n.startswith("step_"))
+    left = sorted(str(p.relative_to(scratch)) for p in scratch.rglob("*")
+                  if p.is_file()) if scratch is not None else []
     print(json.dumps({**out, "removed": removed_at is not None, "mid_run": mid_run,
-                      "checkpoints": steps}), flush=True)
+                      "checkpoints": steps, "scratch_left": left}), flush=True)
     ray.shutdown()
     cluster.shutdown()
 

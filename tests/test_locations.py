@@ -4,7 +4,6 @@ yet, is one error naming it — never a local folder named `s3:/…`."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -45,19 +44,27 @@ def test_an_unreachable_store_is_one_error(monkeypatch):
         reach("s3://bucket/x")
 
 
-def test_a_uri_where_a_local_folder_is_needed_is_refused_not_made_local(tmp_path: Path):
-    with pytest.raises(LocationError, match="run_dir s3://bucket/run: object-storage locations "
-                                            "are not supported here yet"):
-        train_from_config(toy_config("gpt2"), "s3://bucket/run")
-    env = {**os.environ, "AWS_EC2_METADATA_DISABLED": "true"}
+def test_a_missing_bucket_is_one_error_and_never_a_local_folder(tmp_path: Path, s3_server):
+    with pytest.raises(LocationError, match="s3://no-such-bucket/run: the bucket "
+                                            "'no-such-bucket' does not exist"):
+        train_from_config(toy_config("gpt2"), "s3://no-such-bucket/run")
     for args in (["train", "--config", str(ROOT / "examples" / "toy.yaml"), "--run-dir",
-                  "s3://bucket/run"],
-                 ["eval", "s3://bucket/run"],
-                 ["export", "s3://bucket/run/checkpoints/step_000000010", str(tmp_path / "x")],
-                 ["serve", "gs://bucket/run"]):
+                  "s3://no-such-bucket/run"],
+                 ["eval", "s3://no-such-bucket/run"],
+                 ["export", "s3://no-such-bucket/run/checkpoints/step_000000010",
+                  str(tmp_path / "x")],
+                 ["serve", "s3://no-such-bucket/run"]):
         out = subprocess.run([str(EXE), *args], capture_output=True, text=True, timeout=120,
-                             cwd=tmp_path, env=env, check=False)
+                             cwd=tmp_path, check=False)
         assert out.returncode == 2, (args, out.stderr)
-        assert "object-storage locations are not supported here yet" in out.stderr, out.stderr
+        assert "'no-such-bucket' does not exist" in out.stderr, out.stderr
         assert "Traceback" not in out.stderr
-    assert not (tmp_path / "s3:").exists() and not (tmp_path / "gs:").exists()
+    assert not (tmp_path / "s3:").exists()
+
+
+def test_a_uri_where_only_a_local_path_works_is_refused_not_made_local(tmp_path: Path):
+    out = subprocess.run([str(EXE), "attribute", "--clt", str(tmp_path), "--out",
+                          str(tmp_path / "g"), "--prompts-file", "s3://bucket/prompts.txt"],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path, check=False)
+    assert out.returncode == 2 and "takes a local path" in out.stderr, out.stderr
+    assert not (tmp_path / "s3:").exists()

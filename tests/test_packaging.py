@@ -170,3 +170,12 @@ def test_torch_fits_the_lock() -> None:
         else:  # only a GPU build's own wheels (nvidia-*, triton, cuda-*) may be outside the lock
             assert re.match(r"(nvidia|triton|cuda)", name), f"torch needs {req}, not in the lock"
             assert name not in stand_in_names
+
+
+def test_ray_has_the_job_server_and_dashboard() -> None:
+    """`ray[default]`: `ray start --head` starts the dashboard and the job server that `ray job`
+    talks to (without it: "Cannot include dashboard with missing packages"; the job flow runs in
+    tests/test_cluster_jobs.py)."""
+    (dep,) = [d for d in declared() if canonicalize_name(d.name) == "ray"]
+    assert "default" in dep.extras
+    import ray.dashboard.optional_deps  # noqa: F401 - what the dashboard imports, or it is left out

@@ -27,7 +27,7 @@ from clt_ray.autointerp.tasks import (
 from clt_ray.cache.store import check_files, load_manifest
 from clt_ray.config import AutoInterpConfig, LLMConfig, TopKSettings
 from clt_ray.errors import CltRayError, ConfigError
-from clt_ray.fsutil import atomic_write_parquet
+from clt_ray.fsutil import Staged, atomic_write_parquet, is_uri
 from clt_ray.train.checkpoint import LoadedCheckpoint, load_checkpoint, read_manifest
 
 
@@ -130,8 +130,16 @@ def run_autointerp(cfg: AutoInterpConfig, executor: Executor,
         check_files(cache)  # a missing or truncated file: one line now, not inside the Ray job
     if not topk_only:
         check_endpoint(cfg.llm, cfg.llm.api_key(), log)
-    with executor:
-        return _run(cfg, executor, loaded, cache, chosen, log, topk_only)
+    # an output folder in a store: worked on in node-local scratch holding what is there (reused
+    # as locally), pushed back at the end — also after a failure, so a rerun reuses the replies
+    with Staged(cfg.out, "out") as out, executor:
+        out.pull()
+        try:
+            return _run(cfg.model_copy(update={"out": str(out.local)}), executor, loaded,
+                        cache, chosen, log, topk_only)
+        finally:
+            if out.local.is_dir():
+                out.push()
 
 
 def _run(cfg: AutoInterpConfig, executor: Executor, loaded: LoadedCheckpoint,
@@ -201,7 +209,8 @@ def topk_request(checkpoint: str | os.PathLike[str], tokens: int, features: tupl
                  settings: TopKSettings, cache: str | None) -> dict:
     """What a features.parquet was made from (kept in its metadata): a rerun with the same
     request reuses the file."""
-    return {"checkpoint": str(Path(checkpoint).resolve()), "tokens": tokens,
+    where = str(checkpoint) if is_uri(checkpoint) else str(Path(checkpoint).resolve())
+    return {"checkpoint": where, "tokens": tokens,
             "features": list(features), "settings": settings.model_dump(), "cache": cache}
 
 

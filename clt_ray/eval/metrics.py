@@ -489,7 +489,7 @@ def evaluate_checkpoint(
         output_hook=model_cfg.output_hook, batch_size=batch_size or cfg.data.lm_batch_size,
         max_batches=batches, splice=splice, fired_counters=since,
         dead_window=cfg.train.dead_after_tokens)
-    return {"checkpoint": str(loaded.path), "step": loaded.state.step, "model": model_cfg.name,
+    return {"checkpoint": loaded.location, "step": loaded.state.step, "model": model_cfg.name,
             "activation": clt.cfg.activation, "n_features": clt.cfg.n_features, **result}
 
 

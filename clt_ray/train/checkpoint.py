@@ -56,7 +56,7 @@ from torch import Tensor
 from clt_ray import layout
 from clt_ray.config import CLTConfig, parse_config
 from clt_ray.errors import CltRayError
-from clt_ray.fsutil import atomic_dir
+from clt_ray.fsutil import Staged, atomic_dir, is_uri
 from clt_ray.nn.clt import CrossLayerTranscoder
 
 FORMAT = "clt-ray-checkpoint"
@@ -111,6 +111,12 @@ class LoadedCheckpoint(NamedTuple):
     @property
     def path(self) -> Path:
         return Path(self.manifest["path"])
+
+    @property
+    def location(self) -> str:
+        """Where the checkpoint is: its URI when read from a store (`path` is then the local
+        copy), else its path."""
+        return self.manifest.get("location") or self.manifest["path"]
 
     @property
     def config(self) -> Any:
@@ -439,7 +445,7 @@ def _skip_line(path: Path, exc: Exception) -> str:
     return f"skipping checkpoint {path.name}: {exc}"
 
 
-def _report(skipped: list[str], used: Path | None, log: Log | None) -> None:
+def _report(skipped: list[str], used: Path | str | None, log: Log | None) -> None:
     """Say which newer checkpoints were skipped and which one is used (nothing when none was)."""
     if not skipped:
         return
@@ -462,7 +468,10 @@ def _no_checkpoint(path: Path, skipped: list[str]) -> CheckpointError:
 
 def resolve_checkpoint(path: str | os.PathLike[str], *, log: Log | None = None) -> Path:
     """A checkpoint folder as is, or a run folder's newest usable checkpoint (`latest_checkpoint`;
-    each newer one skipped is a line to `log`, default a logging warning)."""
+    each newer one skipped is a line to `log`, default a logging warning). A URI is fetched
+    into node-local scratch (`fetch_checkpoint`) and its local copy returned."""
+    if is_uri(path):
+        return fetch_checkpoint(str(path), log=log)
     path = Path(path)
     if (path / MANIFEST).is_file():
         return path
@@ -471,6 +480,85 @@ def resolve_checkpoint(path: str | os.PathLike[str], *, log: Log | None = None) 
     if found is None:
         raise _no_checkpoint(path, skipped)
     return found
+
+
+# --- checkpoints in a store --------------------------------------------------------------------
+
+_FETCHED: dict[str, Path] = {}  # checkpoint URI -> its verified local copy (checkpoints never change)
+_ORIGIN: dict[str, str] = {}  # local copy -> the URI it was fetched from (what messages name)
+_STAGED: list[Staged] = []  # the scratch folders of those copies
+
+
+def release_fetched() -> None:
+    """Remove every local copy `fetch_checkpoint` made (they are also removed at exit): what a
+    long-lived process calls once it has loaded what it needed."""
+    for staged in _STAGED:
+        staged.close()
+    _STAGED.clear()
+    _FETCHED.clear()
+
+
+def store_checkpoints(run: Staged) -> list[str]:
+    """Names (step_…) of the checkpoint folders of a run folder in a store, complete or not,
+    oldest first (one listing)."""
+    found = [(int(m.group(1)), name) for name in run.entries(CHECKPOINTS)
+             if (m := _STEP_DIR.match(name))]
+    return [name for _, name in sorted(found)]
+
+
+def fetch_checkpoint(location: str, *, log: Log | None = None) -> Path:
+    """A verified local copy (node-local scratch, removed at exit) of a checkpoint in a store: a
+    checkpoint URI as is, or a run folder URI's newest usable checkpoint — each newer one whose
+    copy is incomplete or damaged (an upload cut short, a changed object) is said to `log` and
+    skipped. The copy's every file is checked against its recorded size and sha256."""
+    if location in _FETCHED and _FETCHED[location].is_dir():
+        return _FETCHED[location]
+    store = Staged(location, "checkpoint")
+    _STAGED.append(store)
+    named = store.exists(MANIFEST)
+    candidates = [""] if named else [f"{CHECKPOINTS}/{n}" for n in
+                                     reversed(store_checkpoints(store))]
+    skipped: list[str] = []
+    for name in candidates:
+        uri = store.uri(name)
+        if uri in _FETCHED and _FETCHED[uri].is_dir():
+            _report(skipped, uri, log)
+            return _FETCHED[uri]
+        store.pull(name)
+        local = store.local / name
+        try:
+            check_checkpoint(local, verify=True)
+        except DamagedCheckpoint as exc:
+            exc = DamagedCheckpoint(str(exc).replace(str(local), uri))
+            if named:
+                raise exc from None
+            skipped.append(f"skipping checkpoint {uri}: {exc}")
+            shutil.rmtree(local, ignore_errors=True)
+            continue
+        _FETCHED[uri] = local
+        _ORIGIN[str(local)] = uri
+        _report(skipped, uri, log)
+        return local
+    _report(skipped, None, log)
+    if skipped:
+        raise CheckpointError(f"{location} has no usable checkpoint under {CHECKPOINTS}/ (every "
+                              f"one is damaged; newest: {skipped[0]})")
+    raise CheckpointError(f"{location} is neither a checkpoint (no {MANIFEST}) nor a run folder "
+                          f"with checkpoints under {CHECKPOINTS}/")
+
+
+def push_checkpoint(run: Staged, path: Path) -> None:
+    """Copy a local checkpoint of `run` (a folder under its local checkpoints/) to the store:
+    its files first, the manifest last (a checkpoint in a store is complete once its manifest
+    and every file of the recorded size are there; restarts skip the rest). Then the store keeps
+    only the checkpoints the local folder kept (pruning)."""
+    if not run.remote:
+        return
+    run.push(f"{CHECKPOINTS}/{path.name}", last=[MANIFEST])
+    kept = {p.name for p in _step_dirs(run.local)}
+    for name in store_checkpoints(run):
+        if name not in kept:
+            run.remove(f"{CHECKPOINTS}/{name}")
 
 
 def prune_checkpoints(run_dir: str | os.PathLike[str], keep: int) -> None:
@@ -488,6 +576,7 @@ def read_manifest(path: str | os.PathLike[str], *, log: Log | None = None) -> di
         raise CheckpointError(f"{path}: checkpoint format version {manifest.get('version')} is not "
                               f"supported (this clt-ray reads version {VERSION})")
     manifest["path"] = str(path)
+    manifest["location"] = _ORIGIN.get(str(path), str(path))  # a URI for a copy from a store
     return manifest
 
 
@@ -643,8 +732,9 @@ def load_checkpoint(
     file read is checked against its recorded size and sha256 and every tensor against the
     manifest's shapes: a damaged checkpoint named explicitly is a DamagedCheckpoint naming the file
     and what is wrong; in a run folder it is skipped for the next older one, with a line to `log`
-    (default: a logging warning) saying why."""
-    path = Path(path)
+    (default: a logging warning) saying why. A URI is read through a verified local copy
+    (`fetch_checkpoint`)."""
+    path = fetch_checkpoint(str(path), log=log) if is_uri(path) else Path(path)
     if (path / MANIFEST).is_file():
         check_checkpoint(path)
         return _load(path, start, stop, device=device, dtype=dtype, optimizer=optimizer)

@@ -151,10 +151,12 @@ class Trainer:
         collectives: Collectives = LOCAL,
         record_sink: Callable[[dict[str, Any]], None] | None = None,
         graph_scorer: Callable[[CrossLayerTranscoder], dict[str, Any]] | None = None,
+        on_checkpoint: Callable[[Path], None] | None = None,
     ) -> None:
         self.model, self.loss_cfg, self.optim_cfg, self.train_cfg = model, loss, optim, train
         self.collectives, self.record_sink = collectives, record_sink
         self.graph_scorer = graph_scorer  # attribution.GraphScorer: needs the whole CLT
+        self.on_checkpoint = on_checkpoint  # after each run checkpoint (run.publish_checkpoint)
         self.heldout = list(heldout or [])
         self.run_dir = None if run_dir is None else Path(run_dir)
         self.config = config
@@ -373,6 +375,8 @@ class Trainer:
         self._saved_step = st.step
         if self.run_dir is not None and Path(path).parent == self.run_dir / CHECKPOINTS:
             prune_checkpoints(self.run_dir, self.train_cfg.keep_checkpoints)
+            if self.on_checkpoint is not None:
+                self.on_checkpoint(out)
         return out
 
     # --- the loop ------------------------------------------------------------------------------

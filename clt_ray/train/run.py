@@ -34,15 +34,19 @@ from clt_ray.data import (
 )
 from clt_ray.errors import CltRayError, ConfigError
 from clt_ray.eval import metrics
-from clt_ray.fsutil import atomic_write_text, local_path
+from clt_ray.fsutil import Staged, atomic_write_text, is_uri, reach
 from clt_ray.lm import load_model
 from clt_ray.lm.loading import DeviceError, check_device, model_dims
 from clt_ray.nn.clt import CrossLayerTranscoder
 from clt_ray.train.checkpoint import (
+    CHECKPOINTS,
     TrainingState,
+    fetch_checkpoint,
     latest_checkpoint,
     list_checkpoints,
+    push_checkpoint,
     read_manifest,
+    store_checkpoints,
 )
 from clt_ray.train.loop import MetricsFile, Trainer
 
@@ -60,11 +64,11 @@ GraphScorerFactory = Callable[[Config, "PreTrainedModel", "PreTrainedTokenizerBa
 
 @dataclass
 class RunResult:
-    run_dir: Path
+    run_dir: Path | str  # as given: a local folder, or a URI in a store
     step: int
     metrics: dict[str, Any]  # the final held-out evaluation (metrics.evaluate)
     seconds: float
-    checkpoint: Path | None
+    checkpoint: Path | str | None  # the final checkpoint (in the store for a URI run folder)
     interrupted: bool = False  # stopped early by Ctrl-C (after its checkpoint)
 
 
@@ -102,34 +106,60 @@ def check_config(cfg: Config) -> CLTConfig:
     return clt_cfg
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, log: Callable[[str], None] = print
+RunLocation = str | os.PathLike[str] | Staged
+"""A run folder: a local path, a URI in a store, or one already staged (`stage_run`)."""
+
+
+def stage_run(run_dir: RunLocation, resume: bool, log: Callable[[str], None] = print) -> Staged:
+    """The run folder as a Staged location, so the whole run setup reads and writes local files:
+    a local folder as is; a URI gets node-local scratch holding the store's config.yaml and
+    metrics.jsonl and, to resume, its newest verified checkpoint (newer damaged or incomplete
+    ones said and skipped). What the run writes is pushed back as it is written
+    (`publish_checkpoint`, `finish_run`); `close()` removes the scratch. An unreachable store is
+    one LocationError here, before any work."""
+    if isinstance(run_dir, Staged):
+        return run_dir
+    if is_uri(run_dir):
+        reach(run_dir)
+    run = Staged(run_dir, "run_dir")
+    if run.remote:
+        run.pull(layout.RUN_CONFIG)
+        run.pull(layout.METRICS)
+        if resume and store_checkpoints(run):
+            ckpt = fetch_checkpoint(run.location, log=log)
+            (run.local / CHECKPOINTS).mkdir(exist_ok=True)
+            ckpt.rename(run.local / CHECKPOINTS / ckpt.name)
+    return run
+
+
+def prepare_run_dir(run: Staged, resume: bool, log: Callable[[str], None] = print
                     ) -> Path | None:
     """The checkpoint to resume (None for a fresh run): the newest whose every file has its
     recorded sha256, saying which newer ones were skipped and why; refuses to start over a run's
     checkpoints, and to resume where there is none."""
     if resume:
-        ckpt, skipped = latest_checkpoint(run_dir, verify=True)
+        ckpt, skipped = latest_checkpoint(run.local, verify=True)
         for line in skipped:
             log(line)
         if ckpt is None:
-            raise CltRayError(f"--resume: {run_dir} has no "
+            raise CltRayError(f"--resume: {run} has no "
                               f"{'usable ' if skipped else ''}checkpoint to resume from")
         return ckpt
-    found = list_checkpoints(run_dir)
+    found = store_checkpoints(run) if run.remote else [p.name for p in list_checkpoints(run.local)]
     if found:
-        raise CltRayError(f"{run_dir} already holds checkpoints (up to {found[-1].name}): pass "
+        raise CltRayError(f"{run} already holds checkpoints (up to {found[-1]}): pass "
                           "--resume to continue that run, or choose another --run-dir")
     return None
 
 
-def open_run(cfg: Config, run_dir: Path, resume: bool, *, clt_cfg: CLTConfig | None = None,
+def open_run(cfg: Config, run: Staged, resume: bool, *, clt_cfg: CLTConfig | None = None,
              log: Callable[[str], None] = print) -> tuple[CLTConfig, Path | None]:
     """Check the config (unless `clt_cfg`, its `check_config`, is given), prepare the run folder
     (config.yaml) and find the checkpoint to resume, which must hold the CLT the config describes;
     metrics.jsonl is cut back to that checkpoint's step. Returns (the CLT config, the checkpoint
     or None)."""
     clt_cfg = clt_cfg or check_config(cfg)
-    ckpt = prepare_run_dir(run_dir, resume, log)
+    ckpt = prepare_run_dir(run, resume, log)
     manifest = read_manifest(ckpt) if ckpt is not None else None
     if manifest is not None:
         saved = CLTConfig.model_validate(manifest["clt"])
@@ -137,15 +167,30 @@ def open_run(cfg: Config, run_dir: Path, resume: bool, *, clt_cfg: CLTConfig | N
             raise ConfigError(f"the checkpoint {ckpt} holds a CLT {saved.model_dump()}, but the "
                               f"config describes {clt_cfg.model_dump()}")
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, run_dir / layout.RUN_CONFIG)
+        run.local.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, run.local / layout.RUN_CONFIG)
     except OSError as exc:
-        raise CltRayError(f"cannot write the run folder {run_dir}: "
+        raise CltRayError(f"cannot write the run folder {run}: "
                           f"{exc.strerror or exc}") from None
+    run.push(layout.RUN_CONFIG)
     if manifest is not None:  # drop what the lost run logged after its checkpoint
-        MetricsFile(run_dir, log=log).truncate_after(manifest["step"])
-        log(f"resuming {ckpt} at step {manifest['step']} of {cfg.train.steps}")
+        MetricsFile(run.local, log=log).truncate_after(manifest["step"])
+        run.push(layout.METRICS)
+        log(f"resuming {run.uri(f'{CHECKPOINTS}/{ckpt.name}') if run.remote else ckpt} at step "
+            f"{manifest['step']} of {cfg.train.steps}")
     return clt_cfg, ckpt
+
+
+def publish_checkpoint(run: Staged) -> Callable[[Path], None]:
+    """What a trainer calls after each checkpoint it writes into the local run folder: a run
+    folder in a store gets the checkpoint (manifest last, pruned as locally) and metrics.jsonl."""
+
+    def publish(path: Path) -> None:
+        push_checkpoint(run, path)
+        if (run.local / layout.METRICS).is_file():
+            run.push(layout.METRICS)
+
+    return publish
 
 # --- the data ------------------------------------------------------------------------------------
 
@@ -203,7 +248,7 @@ def build_trainer(cfg: Config, clt_cfg: CLTConfig, ckpt: str | os.PathLike[str] 
 
 def train_from_config(
     cfg: Config,
-    run_dir: str | os.PathLike[str],
+    run_dir: RunLocation,
     *,
     resume: bool = False,
     log: Callable[[str], None] = print,
@@ -212,36 +257,39 @@ def train_from_config(
     graph_scorer: GraphScorerFactory | None = None,
 ) -> RunResult:
     """Train the CLT a config describes, in this process, into `run_dir` (config.yaml,
-    metrics.jsonl, checkpoints/, summary.json). resume=True continues the run's latest checkpoint
+    metrics.jsonl, checkpoints/, summary.json; a URI: through node-local scratch, `stage_run`). resume=True continues the run's latest checkpoint
     exactly (same floats as an uninterrupted run). Returns the final held-out metrics
     (metrics.evaluate; splice=True adds the CE/KL of the CLT spliced into the model).
     `blocks`: the training stream of `data.source: producers`, built by the Ray layer
     (actors.cache_producer.ProducerBlocks); closed when training ends. `graph_scorer`: builds
     the graph scores of `train.graph_prompts` (clt_ray.attribution.graph_scorer_for)."""
     start_time = time.monotonic()
-    run_dir = local_path(run_dir, "run_dir")
     if (cfg.data.source == "producers") != (blocks is not None):
         raise ConfigError("data.source 'producers' streams from Ray actors: train it with "
                           "`clt-ray train` (or pass blocks=ProducerBlocks(...)); other sources "
                           "take no blocks")
     check_graph_scorer(cfg, graph_scorer)
-    clt_cfg, ckpt = open_run(cfg, run_dir, resume, log=log)
-
-    lm, tokenizer = load_model(cfg.model)
-    source = training_source(cfg, lm, tokenizer, blocks=blocks)
-    ids, mask, heldout = heldout_set(cfg, lm, tokenizer)
-    scorer = graph_scorer(cfg, lm, tokenizer) if graph_scorer else None
-    trainer = build_trainer(cfg, clt_cfg, ckpt, device=torch.device(cfg.train.device or
-                                                                     cfg.model.device),
-                            heldout=heldout, init_batches=lambda: source, log=log,
-                            run_dir=run_dir, graph_scorer=scorer)
+    run = stage_run(run_dir, resume, log)
     try:
-        trainer.fit(source)
+        clt_cfg, ckpt = open_run(cfg, run, resume, log=log)
+        lm, tokenizer = load_model(cfg.model)
+        source = training_source(cfg, lm, tokenizer, blocks=blocks)
+        ids, mask, heldout = heldout_set(cfg, lm, tokenizer)
+        scorer = graph_scorer(cfg, lm, tokenizer) if graph_scorer else None
+        trainer = build_trainer(cfg, clt_cfg, ckpt,
+                                device=torch.device(cfg.train.device or cfg.model.device),
+                                heldout=heldout, init_batches=lambda: source, log=log,
+                                run_dir=run.local, graph_scorer=scorer,
+                                on_checkpoint=publish_checkpoint(run))
+        try:
+            trainer.fit(source)
+        finally:
+            source.close()
+        return finish_run(cfg, run, trainer.model, trainer.state, lm=lm, tokenizer=tokenizer,
+                          start_time=start_time, splice=splice, interrupted=trainer.interrupted,
+                          heldout=(ids, mask), graph_scorer=scorer)
     finally:
-        source.close()
-    return finish_run(cfg, run_dir, trainer.model, trainer.state, lm=lm, tokenizer=tokenizer,
-                      start_time=start_time, splice=splice, interrupted=trainer.interrupted,
-                      heldout=(ids, mask), graph_scorer=scorer)
+        run.close()
 
 
 def check_graph_scorer(cfg: Config, factory: GraphScorerFactory | None) -> None:
@@ -253,14 +301,15 @@ def check_graph_scorer(cfg: Config, factory: GraphScorerFactory | None) -> None:
 # --- the end of a run ----------------------------------------------------------------------------
 
 
-def finish_run(cfg: Config, run_dir: Path, clt: CrossLayerTranscoder, state: TrainingState, *,
+def finish_run(cfg: Config, run: Staged, clt: CrossLayerTranscoder, state: TrainingState, *,
                lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, start_time: float,
                splice: bool = True, interrupted: bool = False,
                heldout: tuple[Tensor, Tensor] | None = None,
                graph_scorer: ScoreGraphs | None = None) -> RunResult:
     """The end of a run (one process or Ray): the final held-out evaluation of the whole CLT
     (with the splice CE/KL) on `heldout` windows (ids, mask; default: the config's), the graph
-    scores, summary.json, and the RunResult."""
+    scores, summary.json (with metrics.jsonl and tensorboard/ pushed to a store), and the
+    RunResult."""
     ids, mask = heldout if heldout is not None else heldout_windows(tokenizer, cfg.data)
     lm_device = next(lm.parameters()).device
     if clt.b_dec.device != lm_device:  # the splice needs the CLT beside the model
@@ -275,7 +324,15 @@ def finish_run(cfg: Config, run_dir: Path, clt: CrossLayerTranscoder, state: Tra
     seconds = time.monotonic() - start_time
     summary = {"step": state.step, "total_steps": state.total_steps, "tokens": state.tokens,
                "seconds": round(seconds, 1), "interrupted": interrupted, **final}
-    atomic_write_text(run_dir / layout.VIEWER_SUMMARY, json.dumps(summary, indent=1))
-    found = list_checkpoints(run_dir)
-    return RunResult(run_dir, state.step, final, seconds, found[-1] if found else None,
-                     interrupted)
+    atomic_write_text(run.local / layout.VIEWER_SUMMARY, json.dumps(summary, indent=1))
+    for entry in (layout.METRICS, layout.TENSORBOARD, layout.VIEWER_SUMMARY):
+        if (run.local / entry).exists():
+            run.push(entry)
+    if run.remote:
+        found = store_checkpoints(run)
+        last: Path | str | None = run.uri(f"{CHECKPOINTS}/{found[-1]}") if found else None
+    else:
+        local = list_checkpoints(run.local)
+        last = local[-1] if local else None
+    return RunResult(run.location if run.remote else run.local, state.step, final, seconds,
+                     last, interrupted)
