@@ -389,6 +389,49 @@ def cache(config_path: Path, out: str, tokens: int, bits: str, zstd_level: int,
     cache_on_ray(cfg.model, cfg.data, out, producers=producers, cpus=cpus_per_producer, **common)
 
 
+@cli.command("plan")
+@click.argument("model")
+@click.option("--expansion", type=float, default=None,
+              help="Features a layer = round(expansion · d_model) (default: 8, as a run config).")
+@click.option("--features", type=int, default=None, help="Features a layer (instead of --expansion).")
+@click.option("--activation", type=click.Choice(["jumprelu", "relu", "topk", "batchtopk"]),
+              default="jumprelu", show_default=True)
+@click.option("--hooks", "input_hook", type=click.Choice(["hook_resid_mid", "mlp.hook_in"]),
+              default="hook_resid_mid", show_default=True,
+              help="The input hook (the output hook is its pair).")
+@click.option("--precision", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+              help="train.precision (autocast; weights and Adam stay fp32). Default: float32.")
+@click.option("--gpu-memory", default="80GB", show_default=True,
+              help="Memory of one GPU: 24GB, 80GB, 141GB, 48GiB (GB = 10^9 bytes).")
+@click.option("--batch-size", type=int, default=None,
+              help="train.batch_size, tokens a step (default: 1024).")
+@click.option("--lm-dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+              help="model.dtype of the producers' LM (default: float32).")
+@click.option("--lm-batch-size", type=int, default=None,
+              help="data.lm_batch_size, windows a forward pass (default: 32).")
+@click.option("--context-size", type=int, default=None,
+              help="data.context_size, tokens a window (default: 128).")
+@click.option("--profile", type=LocalPath(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="A measured device profile (the JSON of bench/train_step.py --json) for tokens/s.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def plan_command(model: str, expansion: float | None, features: int | None, activation: str,
+                 input_hook: str, precision: str | None, gpu_memory: str,
+                 batch_size: int | None, lm_dtype: str | None, lm_batch_size: int | None,
+                 context_size: int | None, profile: Path | None, as_json: bool) -> None:
+    """What a CLT on MODEL costs, before anything runs: parameters, bytes a shard, the fewest
+    shards (GPUs) that fit --gpu-memory, activation-cache bytes, producer and trainer memory, and
+    tokens/s from a --profile. MODEL: a hub name (gpt2, meta-llama/Llama-3.2-1B,
+    google/gemma-2-2b, Qwen/Qwen3-1.7B are built in: no download), a local model folder, or
+    toy:gpt2 / toy:llama."""
+    from clt_ray.plan import format_plan, make_plan
+
+    result = make_plan(model, expansion=expansion, features=features, activation=activation,
+                       input_hook=input_hook, precision=precision, gpu_memory=gpu_memory,
+                       batch_size=batch_size, lm_dtype=lm_dtype, lm_batch_size=lm_batch_size,
+                       context_size=context_size, profile=profile)
+    click.echo(result.to_json() if as_json else format_plan(result))
+
+
 @cli.command("eval")
 @click.argument("checkpoint", type=Location())
 @click.option("--batches", type=click.IntRange(min=1), default=None,

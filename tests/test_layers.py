@@ -15,7 +15,7 @@ LAYERS: dict[str, int] = {
     "clt_ray.config": 1,
     "clt_ray.nn": 2, "clt_ray.quant": 2, "clt_ray.toy": 2,
     "clt_ray.lm": 3, "clt_ray.data": 3, "clt_ray.cache": 3,
-    "clt_ray.train": 4, "clt_ray.eval": 4, "clt_ray.export": 4,
+    "clt_ray.train": 4, "clt_ray.eval": 4, "clt_ray.export": 4, "clt_ray.plan": 4,
     "clt_ray.features": 5, "clt_ray.attribution": 5, "clt_ray.autointerp": 5,
     "clt_ray.viewer": 6, "clt_ray.cli": 6, "clt_ray.actors": 6,
 }

@@ -131,6 +131,46 @@ def test_a_new_run_refuses_a_store_folder_with_checkpoints_and_eval_export_read_
     assert any(n.endswith(".safetensors") for n in store_names(export))
 
 
+def test_refused_credentials_are_one_line_before_any_actor_starts(tiny_lm_dir, tmp_path: Path):
+    """A second S3-protocol server that checks credentials (moto with authentication on from
+    the first request): the throw-away keys are refused; `train --shards 2` says so in one line
+    and no Ray is started."""
+    import socket
+    import time
+
+    import yaml
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                               str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"})
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and server.poll() is None
+                time.sleep(0.2)
+        cfg = tmp_path / "cfg.yaml"
+        cfg.write_text(yaml.safe_dump(run_config(tiny_lm_dir).model_dump(mode="json")))
+        env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+               "RAY_ADDRESS": "", "RAY_TMPDIR": str(tmp_path / "raytmp")}
+        out = subprocess.run(  # noqa: PLW1510 - the exit status is asserted
+            [str(EXE), "train", "--config", str(cfg), "--shards", "2", "--run-dir",
+             "s3://some-bucket/run"], capture_output=True, text=True, timeout=120, env=env)
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.count("\n") == 1 and "ACCESS_DENIED" in out.stderr, out.stderr
+    assert "s3://some-bucket/run" in out.stderr and "credentials" in out.stderr
+    assert not (tmp_path / "raytmp").exists()  # no Ray was started
+
+
 def test_an_unreachable_store_is_one_line_before_any_work(tiny_lm_dir, tmp_path: Path):
     import socket
 
@@ -219,3 +259,25 @@ def test_the_whole_pipeline_with_every_location_in_the_store(ray_local, tiny_lm_
     fs, root = filesystem(f"{base}/run/autointerp/features.parquet")
     with fs.open_input_file(root) as f:
         assert pq.read_table(f).num_rows == 2 * 32
+
+
+def test_a_corrupt_checkpoint_object_is_named_and_never_loaded(tiny_lm_dir, s3_bucket: str,
+                                                               scratch: Path):
+    from clt_ray.train.checkpoint import DamagedCheckpoint
+
+    uri = f"{s3_bucket}/runs/corrupt"
+    train_from_config(run_config(tiny_lm_dir, steps=4), uri, log=lambda m: None, splice=False)
+    fs, root = filesystem(uri)
+    name = f"{root}/checkpoints/step_000000004/W_enc_0.safetensors"
+    with fs.open_input_stream(name) as f:
+        data = bytearray(f.read())
+    data[-3] ^= 0xFF  # same size, one byte changed: only the sha256 tells
+    with fs.open_output_stream(name) as f:
+        f.write(bytes(data))
+    step = f"{uri}/checkpoints/step_000000004"
+    with pytest.raises(DamagedCheckpoint, match=f"{step}/W_enc_0.safetensors: sha256"):
+        load_checkpoint(step)
+    said: list[str] = []
+    loaded = load_checkpoint(uri, log=said.append)  # the run folder: the older one, saying why
+    assert loaded.state.step == 2 and loaded.location == f"{uri}/checkpoints/step_000000002"
+    assert any("step_000000004" in line and "sha256" in line for line in said), said
