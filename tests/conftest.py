@@ -43,21 +43,28 @@ import pytest
 RAY_CPUS = 2
 
 
-@pytest.fixture(scope="session")
-def s3_server():
-    """A real S3-protocol server on 127.0.0.1 (moto's server mode) for the session; stopped at
-    the end. Yields its endpoint URL."""
+def start_s3_server(port: int, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """moto's S3-protocol server on 127.0.0.1:port (env: its environment, e.g. authentication
+    on), once it answers."""
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                             str(S3_PORT)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=env)
     deadline = time.monotonic() + 60
     while True:
         try:
-            socket.create_connection(("127.0.0.1", S3_PORT), timeout=1).close()
-            break
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc
         except OSError:
             assert proc.poll() is None, "moto's S3 server did not start"
             assert time.monotonic() < deadline, "moto's S3 server did not answer in 60 s"
             time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-protocol server on 127.0.0.1 (moto's server mode) for the session; stopped at
+    the end. Yields its endpoint URL."""
+    proc = start_s3_server(S3_PORT)
     yield os.environ["AWS_ENDPOINT_URL"]
     proc.terminate()
     proc.wait(timeout=20)

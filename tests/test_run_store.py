@@ -136,25 +136,15 @@ def test_refused_credentials_are_one_line_before_any_actor_starts(tiny_lm_dir, t
     the first request): the throw-away keys are refused; `train --shards 2` says so in one line
     and no Ray is started."""
     import socket
-    import time
 
     import yaml
+    from conftest import start_s3_server
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                               str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"})
+    server = start_s3_server(port, env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"})
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline and server.poll() is None
-                time.sleep(0.2)
         cfg = tmp_path / "cfg.yaml"
         cfg.write_text(yaml.safe_dump(run_config(tiny_lm_dir).model_dump(mode="json")))
         env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
