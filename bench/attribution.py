@@ -6,6 +6,12 @@ circuit-tracer called directly for the same work (`attribute`, `compute_graph_sc
 
     python bench/attribution.py                      # toy GPT-2 + the examples/toy.yaml CLT
     python bench/attribution.py --clt runs/x/clt --model gpt2 --lengths 16 32 64 128
+    python bench/attribution.py --pool               # graphs/s: one process, 1 and 2 Ray workers
+
+`--pool` times many prompts end to end as `clt-ray attribute` runs them (graph JSON written and
+indexed, dashboards excluded): in this process, and on a local Ray actor pool of 1 and 2 workers
+(`clt_ray.actors.attribution.GraphPool`, one CPU and one torch thread each), after the workers
+have loaded the model (their start-up is reported apart), with each worker's peak resident memory.
 
 Peak memory is the process's resident set sampled every 2 ms during the call, minus its size
 just before, after `malloc_trim` (torch's CPU allocations are invisible to tracemalloc).
@@ -84,6 +90,59 @@ def prompt_of_length(rm, n_tokens: int, seed: int = 0) -> torch.Tensor:
     return ids[:n_tokens]
 
 
+def pool_bench(clt: str, model: str | None, n_prompts: int, workers: list[int],
+               s: GraphSettings) -> None:
+    """graphs/s of the same prompts in one process and on Ray pools of each size in `workers`."""
+    import tempfile
+
+    import ray
+    from clt_ray.actors.attribution import GraphPool
+
+    from clt_ray.attribution import Attributor, GraphStore, PromptSpec, read_clt_folder
+
+    folder = read_clt_folder(clt)
+    specs = [PromptSpec(p.text) for i in range(n_prompts)
+             for p in mechanism_prompts(MECHANISMS[i % len(MECHANISMS)], 1, seed=100 + i)]
+    print(f"{len(specs)} held-out mechanism prompts, node cap {s.max_feature_nodes}, "
+          f"{os.cpu_count()} cores")
+    print(f"{'run':<26} {'start s':>8} {'graphs/s':>9} {'peak MB/worker':>15}")
+    with tempfile.TemporaryDirectory() as tmp:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        start = time.perf_counter()
+        attributor = Attributor(folder, model, settings=s)
+        loaded = time.perf_counter() - start
+        store = GraphStore(Path(tmp) / "one", folder.name, s)
+        start = time.perf_counter()
+        for spec in specs:
+            store.record(attributor.run(spec))
+        rate = len(specs) / (time.perf_counter() - start)
+        print(f"{'one process, 1 thread':<26} {loaded:>8.1f} {rate:>9.2f} "
+              f"{Attributor.peak_memory_mb():>15.0f}")
+        torch.set_num_threads(threads)
+        del attributor
+        gc.collect()  # circuit-tracer's __del__ fails if it first runs at interpreter shutdown
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        rates = {}
+        for n in workers:
+            start = time.perf_counter()
+            with GraphPool(str(folder.path), workers=n, model=model, settings=s,
+                           cpus_per_worker=1.0, gpus_per_worker=0) as pool:
+                pool.wait_started()
+                loaded = time.perf_counter() - start
+                store = GraphStore(Path(tmp) / f"pool{n}", folder.name, s)
+                start = time.perf_counter()
+                pool.run(specs, store)
+                rates[n] = len(specs) / (time.perf_counter() - start)
+                peaks = pool.peak_memory_mb()
+            print(f"{f'Ray pool, {n} worker(s)':<26} {loaded:>8.1f} {rates[n]:>9.2f} "
+                  f"{max(peaks):>15.0f}")
+        ray.shutdown()
+    if len(rates) > 1:
+        a, b = min(rates), max(rates)
+        print(f"{b} workers / {a}: {rates[b] / rates[a]:.2f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clt", default=None, help="exported CLT folder (default: the toy CLT)")
@@ -92,6 +151,9 @@ def main() -> None:
     ap.add_argument("--max-feature-nodes", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--prompts", type=int, default=8, help="held-out prompts per mechanism")
+    ap.add_argument("--pool", action="store_true", help="only graphs/s through Ray worker pools")
+    ap.add_argument("--pool-prompts", type=int, default=16)
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     args = ap.parse_args()
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     if args.clt is None:
@@ -99,6 +161,10 @@ def main() -> None:
         from toy_clt import build_toy_clt  # the tests' toy CLT (trained once, then cached)
 
         args.clt = build_toy_clt("gpt2")
+    if args.pool:
+        pool_bench(str(args.clt), args.model, args.pool_prompts, args.workers,
+                   GraphSettings(max_feature_nodes=args.max_feature_nodes))
+        return
     rm = load_replacement_model(args.clt, args.model)
     s = GraphSettings(max_feature_nodes=args.max_feature_nodes)
     print(f"CLT {args.clt}, node cap {s.max_feature_nodes}, {torch.get_num_threads()} threads, "

@@ -547,7 +547,9 @@ def _graph_options(fn):
               "or run folder (exported into OUT/clt first).")
 @click.option("--prompt", "prompts", multiple=True, help="A prompt (repeatable).")
 @click.option("--prompts-file", type=LocalPath(exists=True, dir_okay=False, path_type=Path),
-              default=None, help="One prompt per line.")
+              default=None, help="Prompts: .txt (a line each), .jsonl or .parquet (a `prompt` "
+              "field; optional `target`: a token or list of tokens whose logits are the graph's "
+              "targets; optional `contrast`: the target is then logit(target) − logit(contrast)).")
 @click.option("--out", required=True, type=Location(),
               help="Output folder (a local path or a URI): graph JSON, graph-metadata.json, "
               "features/, graphs.parquet.")
@@ -565,37 +567,108 @@ def _graph_options(fn):
               "CLT's training corpus, held-out part).")
 @click.option("--example-tokens", type=click.IntRange(min=1), default=16384, show_default=True,
               help="Held-out tokens searched for each feature's top examples.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Ray actors computing graphs, each loading the model once (default: this "
+              "process alone).")
+@click.option("--gpus-per-worker", type=click.FloatRange(min=0), default=None,
+              help="GPUs per worker (default: 1 where the cluster has GPUs, else 0).")
+@click.option("--cpus-per-worker", type=click.FloatRange(min=0.01), default=1.0,
+              show_default=True, help="CPUs per worker (its torch threads: the integer part).")
+@click.option("--address", default=None, help="Ray cluster address for --workers (default: a "
+              "running local Ray, else a new one; `local`: a new one).")
+@click.option("--autointerp", type=Location(), default=None,
+              help="An `autointerp` output folder whose explanations label the feature nodes "
+              "(default: the CLT's run's autointerp/, when it has explanations).")
+@click.option("--neuronpedia-model", default=None,
+              help="Make the graphs uploadable to Neuronpedia: its model id (e.g. gpt2-small) "
+              "as their scan (the local frontend then shows no dashboards).")
+@click.option("--feature-json-base-url", default=None,
+              help="The public https URL where OUT/features/<clt name>/ is hosted "
+              "(Neuronpedia's feature_json_base_url).")
 def attribute_command(clt: str, prompts: tuple[str, ...], prompts_file: Path | None, out: str,
                       model: str | None, backend: str, device: str, max_feature_nodes: int,
                       max_n_logits: int, desired_logit_prob: float, batch_size: int,
                       node_threshold: float, edge_threshold: float, corpus: str | None,
-                      example_tokens: int) -> None:
-    """Attribution graphs of many prompts with circuit-tracer (the model loaded once): graph JSON
-    for its frontend, feature dashboards that work offline, and a summary table (graphs.parquet)
-    with nodes, edges, replacement and completeness scores per prompt."""
-    from clt_ray.attribution import attribute_prompts
+                      example_tokens: int, workers: int | None, gpus_per_worker: float | None,
+                      cpus_per_worker: float, address: str | None, autointerp: str | None,
+                      neuronpedia_model: str | None, feature_json_base_url: str | None) -> None:
+    """Attribution graphs of many prompts with circuit-tracer (the model loaded once per
+    process; with --workers, on a pool of Ray actors): graph JSON for its frontend and for
+    Neuronpedia, feature nodes labelled with their explanations, feature dashboards that work
+    offline, and graphs.parquet with each prompt's nodes, edges, replacement and completeness
+    scores, or its error. Graphs are written as each finishes; a rerun computes only the
+    prompts without a finished graph."""
+    from click.core import ParameterSource
+
+    from clt_ray.attribution import PromptSpec, Upload, attribute_prompts, read_prompts
     from clt_ray.config import GraphSettings
 
-    texts = list(prompts)
+    specs = [PromptSpec(p) for p in prompts]
     if prompts_file is not None:
-        texts += [line for line in prompts_file.read_text().splitlines() if line.strip()]
-    if not texts:
+        specs += read_prompts(prompts_file)
+    if not specs:
         raise click.UsageError("give --prompt TEXT (repeatable) or --prompts-file FILE")
     settings = GraphSettings(max_feature_nodes=max_feature_nodes, max_n_logits=max_n_logits,
                              desired_logit_prob=desired_logit_prob, batch_size=batch_size,
                              node_threshold=node_threshold, edge_threshold=edge_threshold)
+    upload = (Upload(neuronpedia_model, feature_json_base_url)
+              if neuronpedia_model or feature_json_base_url else None)
     _existing(clt, "--clt")
     with Staged(out, "--out") as staged:  # a URI: made in node-local scratch, then pushed
-        staged.pull()  # what an earlier run put there (the graph index grows as locally)
-        rows = attribute_prompts(_exported_clt(clt, staged.local), texts, staged.local,
-                                 model=model, backend=backend, settings=settings,
-                                 device=device, corpus=corpus, example_tokens=example_tokens,
-                                 log=click.echo)
+        staged.pull()  # what an earlier run put there (a rerun resumes it)
+        exported = _exported_clt(clt, staged.local)
+        pulled = is_uri(clt) and exported != staged.local / "clt"  # a local copy of an export
+        common: dict[str, Any] = {
+            "model": model, "backend": backend, "settings": settings, "corpus": corpus,
+            "example_tokens": example_tokens, "autointerp": autointerp, "upload": upload,
+            "clt_name": clt.rstrip("/").rsplit("/", 1)[-1] if pulled else None,
+            "log": click.echo}
+        try:
+            if workers is None:
+                rows = attribute_prompts(exported, specs, staged.local, device=device, **common)
+            else:
+                from clt_ray.actors.attribution import attribute_on_ray
+
+                given = click.get_current_context().get_parameter_source("device")
+                rows = attribute_on_ray(
+                    exported, specs, staged.local, workers=workers, address=address,
+                    worker_clt=clt if pulled else None,
+                    cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
+                    device=None if given == ParameterSource.DEFAULT else device, **common)
+        finally:  # what is done, also after Ctrl-C or a lost cluster
+            staged.push(last=[layout.GRAPH_METADATA])
+    ok = [r for r in rows if r["status"] == "ok"]
+    if ok:
+        click.echo(format_summary(ok))
+    for r in rows:
+        if r["status"] != "ok":
+            click.echo(f"failed: {r['slug']}: {r['error']}", err=True)
+    click.echo(f"{len(ok)} of {len(rows)} graphs ({len(rows) - len(ok)} failed, recorded in "
+               f"{layout.GRAPH_SUMMARY}); graphs, dashboards and {layout.GRAPH_SUMMARY} in {out}; "
+               f"view them with `clt-ray serve RUN_DIR --graphs {out}` (with the run's features "
+               f"and curves) or `clt-ray serve-graphs {out}`")
+
+
+@cli.command("label-graphs")
+@click.argument("graphs_dir", type=Location())
+@click.option("--autointerp", type=Location(), required=True,
+              help="An `autointerp` output folder (its explanations.parquet).")
+def label_graphs_command(graphs_dir: str, autointerp: str) -> None:
+    """Label the feature nodes of graphs made earlier (an `attribute` output folder): each
+    node's `clerp`, shown on hover by the graph viewers and Neuronpedia, becomes its feature's
+    explanation ('' where there is none); each graph file is replaced atomically."""
+    from clt_ray.attribution import read_labels, relabel_graphs
+
+    labels = read_labels(autointerp)
+    _existing(graphs_dir, "GRAPHS_DIR")
+    with Staged(graphs_dir, "GRAPHS_DIR") as staged:  # a URI: only its graph files travel
+        for name in staged.entries() if staged.remote else ():
+            if name.endswith(".json"):
+                staged.pull(name)
+        graphs, nodes = relabel_graphs(staged.local, labels)
         staged.push(last=[layout.GRAPH_METADATA])
-    click.echo(format_summary(rows))
-    click.echo(f"graphs, dashboards and {layout.GRAPH_SUMMARY} in {out}; view them with "
-               f"`clt-ray serve RUN_DIR --graphs {out}` (with the run's features and curves) "
-               f"or `clt-ray serve-graphs {out}`")
+    click.echo(f"{graphs} graphs in {graphs_dir} relabelled: {nodes} feature nodes labelled "
+               f"from {len(labels)} explanations")
 
 
 @cli.command("intervene")

@@ -4,25 +4,32 @@ scores, interventions, the frontend's files over HTTP, and bad input."""
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections import deque
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 
 from clt_ray.attribution import (
     AttributionError,
+    PromptSpec,
     attribute_prompt,
     attribute_prompts,
     intervene,
     load_replacement_model,
     parse_intervention,
 )
+from clt_ray.attribution.labels import read_labels
 from clt_ray.config import GraphSettings
+from clt_ray.layout import cantor_pair
 from clt_ray.toy import mechanism_prompts
 from clt_ray.viewer import GraphsServer
 
@@ -269,9 +276,9 @@ def test_prompt_longer_than_the_context_and_bad_interventions(rm, toy_clt, tmp_p
     long_prompt = " ".join(["the"] * (limit + 5))
     with pytest.raises(AttributionError, match=f"longer than the model's context of {limit}"):
         attribute_prompt(rm, long_prompt)
-    with pytest.raises(AttributionError, match="longer than the model's context"):  # before work
-        attribute_prompts(toy_clt, ["The capital of Varnia is", long_prompt], tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+    with pytest.raises(AttributionError, match="no prompts given"):  # before any work
+        attribute_prompts(toy_clt, ["", "  "], tmp_path / "none")
+    assert not (tmp_path / "none").exists()
     with pytest.raises(AttributionError, match="outside the CLT"):
         intervene(rm, "The capital of Varnia is", [(9, 0, 0, 0.0)])
     with pytest.raises(AttributionError, match="LAYER:POSITION:FEATURE=VALUE"):
@@ -438,3 +445,301 @@ def test_graph_prompts_without_a_scorer_is_refused_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="graph_prompts.*graph_scorer_for"):
         train_from_config(cfg, tmp_path / "run", log=lambda m: None)
     assert not (tmp_path / "run").exists()
+
+
+# --- many prompts: prompt files, targets, resuming, labels, Neuronpedia's fields ----------------
+
+FEATURE_NODE = "cross layer transcoder"
+SMALL = GraphSettings(max_feature_nodes=128, max_n_logits=5)
+
+
+def _graph_specs() -> list[PromptSpec]:
+    """A plain prompt, one with a logit target, one with a contrast target (short ones: a
+    graph's time grows with its tokens)."""
+    induction = mechanism_prompts("induction", 2, seed=SEED, max_context=0)
+    years = mechanism_prompts("greater_than", 1, seed=SEED, max_context=0)[0]
+    return [PromptSpec(induction[0].text), PromptSpec(induction[1].text, (induction[1].targets[0],)),
+            PromptSpec(years.text, tuple(years.targets[:3]), tuple(years.foils[:3]))]
+
+
+def _failing() -> list[PromptSpec]:
+    """Longer than any toy model's context; a target that is not one token."""
+    return [PromptSpec(" ".join(["the"] * 1000)),
+            PromptSpec("The keys to the cabinet", ("xyzzy plugh",))]
+
+
+@pytest.fixture(scope="module")
+def graphs(toy_clt, tmp_path_factory):
+    """An attribute folder of _graph_specs' graphs and two failing prompts (made without
+    explanations)."""
+    out = tmp_path_factory.mktemp("graphs")
+    attribute_prompts(toy_clt, [*_graph_specs(), *_failing()], out, settings=SMALL,
+                      progress=False, example_tokens=512, log=lambda m: None)
+    return out
+
+
+def _graph(folder: Path, slug: str) -> dict:
+    return json.loads((folder / f"{slug}.json").read_text())
+
+
+def _rows(folder: Path) -> list[dict]:
+    return pq.read_table(folder / "graphs.parquet").to_pylist()
+
+
+def test_prompt_files_txt_jsonl_parquet(tmp_path):
+    from clt_ray.attribution import read_prompts
+
+    (tmp_path / "p.txt").write_text("one prompt\n\n  \nanother\n")
+    assert read_prompts(tmp_path / "p.txt") == [PromptSpec("one prompt"), PromptSpec("another")]
+    (tmp_path / "p.jsonl").write_text(
+        '{"prompt": "a b"}\n\n{"prompt": "c d", "target": "e"}\n'
+        '{"prompt": "f", "target": ["g", "h"], "contrast": "i"}\n')
+    specs = read_prompts(tmp_path / "p.jsonl")
+    assert specs == [PromptSpec("a b"), PromptSpec("c d", ("e",)),
+                     PromptSpec("f", ("g", "h"), ("i",))]
+    pq.write_table(pa.Table.from_pylist([{"prompt": s.prompt, "target": list(s.target),
+                                          "contrast": list(s.contrast)} for s in specs]),
+                   tmp_path / "p.parquet")
+    assert read_prompts(tmp_path / "p.parquet") == specs
+    # keys and slugs are stable, distinct for distinct graphs, and Neuronpedia-safe
+    assert PromptSpec("c d", ("e",)).key == specs[1].key != PromptSpec("c d").key
+    assert all(re.fullmatch(r"[a-z0-9-]+", s.slug) for s in specs)
+    for bad, message in [('{"prompt": "x", "contrast": "y"}', "a contrast needs a target"),
+                         ('{"text": "x"}', "needs a string `prompt`"),
+                         ('{"prompt": "x", "target": 3}', "target must be a token string"),
+                         ("not json", "line 1: not JSON")]:
+        (tmp_path / "bad.jsonl").write_text(bad + "\n")
+        with pytest.raises(AttributionError, match=message):
+            read_prompts(tmp_path / "bad.jsonl")
+
+
+def test_a_failing_prompt_is_recorded_with_its_error_and_the_others_written(graphs):
+    rows = {r["key"]: r for r in _rows(graphs)}
+    assert all(rows[s.key]["status"] == "ok" for s in _graph_specs())
+    long_prompt, bad_target = (rows[s.key] for s in _failing())
+    assert long_prompt["status"] == bad_target["status"] == "failed"
+    assert "longer than the model's context" in long_prompt["error"]
+    assert bad_target["error"].startswith("AttributionError: target 'xyzzy plugh'")
+    meta = json.loads((graphs / "graph-metadata.json").read_text())["graphs"]
+    assert sorted(g["slug"] for g in meta) == sorted(s.slug for s in _graph_specs())
+    assert sorted(p.name for p in graphs.glob("*.json")) == sorted(
+        [f"{s.slug}.json" for s in _graph_specs()] + ["graph-metadata.json"])
+
+
+def test_targets_and_contrasts_are_the_graphs_logit_nodes(graphs):
+    plain, targeted, contrast = _graph_specs()
+    rows = {r["key"]: r for r in _rows(graphs)}
+    assert rows[targeted.key]["target"] == list(targeted.target)
+
+    def logits(spec: PromptSpec) -> list[str]:
+        return [n["clerp"] for n in _graph(graphs, spec.slug)["nodes"]
+                if n["feature_type"] == "logit"]
+
+    assert [c.split('"')[1] for c in logits(targeted)] == list(targeted.target)
+    name = f"{'+'.join(contrast.target)} − {'+'.join(contrast.contrast)}"
+    assert [c.split('"')[1] for c in logits(contrast)] == [name]
+    assert 1 <= len(logits(plain)) <= SMALL.max_n_logits
+
+
+NEURONPEDIA_GRAPH = {  # what Neuronpedia's graph schema (graph-schema.json) requires
+    "": ("metadata", "qParams", "nodes", "links"),
+    "metadata": ("slug", "scan", "prompt_tokens", "prompt"),
+    "node": ("node_id", "feature", "layer", "ctx_idx", "feature_type", "jsNodeId", "clerp"),
+    "link": ("source", "target", "weight"),
+}
+
+
+def test_graphs_have_the_fields_neuronpedia_requires(graphs, toy_clt):
+    from importlib.metadata import version
+
+    from circuit_tracer.frontend.feature_models import Model as FeatureModel
+
+    from clt_ray.attribution import Upload
+    from clt_ray.attribution.store import finish_graph
+
+    for spec in _graph_specs():
+        graph = _graph(graphs, spec.slug)
+        meta = graph["metadata"]
+        assert all(k in graph for k in NEURONPEDIA_GRAPH[""])
+        assert all(k in meta for k in NEURONPEDIA_GRAPH["metadata"])
+        assert isinstance(meta["prompt"], str) and all(isinstance(t, str)
+                                                       for t in meta["prompt_tokens"])
+        assert isinstance(graph["qParams"], dict) and graph["nodes"] and graph["links"]
+        for node in graph["nodes"]:
+            assert all(k in node for k in NEURONPEDIA_GRAPH["node"]), node
+            assert isinstance(node["clerp"], str) and isinstance(node["ctx_idx"], int)
+            assert isinstance(node["feature"], int) and isinstance(node["layer"], (str, int))
+        for link in graph["links"]:
+            assert all(k in link for k in NEURONPEDIA_GRAPH["link"])
+            assert isinstance(link["weight"], float)
+        assert meta["info"]["generator"] == {"name": "clt-ray", "version": version("clt-ray")}
+        assert meta["generation_settings"]["max_feature_nodes"] == SMALL.max_feature_nodes
+        assert meta["pruning_settings"]["node_threshold"] == SMALL.node_threshold
+        assert re.fullmatch(r"[A-Za-z0-9_-]+", meta["slug"])
+        # feature JSON in the format feature_json_base_url expects: <base>/<node feature>.json
+        base = graphs / "features" / Path(toy_clt).name
+        for node in graph["nodes"]:
+            if node["feature_type"] == FEATURE_NODE:
+                FeatureModel.model_validate_json((base / f"{node['feature']}.json").read_text())
+    # an upload: Neuronpedia's model id as scan, the hosted features' base URL
+    graph = _graph(graphs, _graph_specs()[0].slug)
+    url = "https://bucket.s3.amazonaws.com/clt/features/" + Path(toy_clt).name
+    finish_graph(graph, SMALL, {}, Upload("gpt2-small", url + "/"))
+    assert graph["metadata"]["scan"] == "gpt2-small"
+    assert graph["metadata"]["feature_details"] == {"feature_json_base_url": url}
+    with pytest.raises(AttributionError, match="only letters, digits"):
+        Upload("./data/features/clt")
+
+
+def _explanations(folder: Path, labels: dict[tuple[int, int], str]) -> Path:
+    """An autointerp folder with explanations.parquet as `clt-ray autointerp` writes it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [{"layer": l, "feature": f, "explanation": text, "ok": True, "error": None}
+            for (l, f), text in labels.items()]
+    rows.append({"layer": 0, "feature": 10**6, "explanation": None, "ok": False,
+                 "error": "timeout"})
+    pq.write_table(pa.Table.from_pylist(rows), folder / "explanations.parquet")
+    return folder
+
+
+def _feature_nodes(graph: dict) -> list[dict]:
+    return [n for n in graph["nodes"] if n["feature_type"] == FEATURE_NODE]
+
+
+def test_labels_are_explanations_when_they_exist_and_absent_otherwise_and_reruns_resume(
+        graphs, toy_clt, tmp_path, capsys, monkeypatch):
+    from clt_ray import cli
+    from clt_ray.attribution import read_clt_folder
+
+    out = tmp_path / "graphs"
+    shutil.copytree(graphs, out)
+    specs = _graph_specs()
+    nodes = [n for s in specs for n in _feature_nodes(_graph(out, s.slug))]
+    assert nodes and all(n["clerp"] == "" for n in nodes)  # made without explanations
+    pairs = sorted({(int(n["layer"]), int(n["node_id"].split("_")[1])) for n in nodes})
+    labels = {pair: f"feature {pair[0]}/{pair[1]} fires on\n  things" for pair in pairs[1:]}
+    labels[pairs[1]] = "a <img src=x onerror=alert(1)> tag"  # LLM output: never markup
+    autointerp = _explanations(tmp_path / "autointerp", labels)
+
+    monkeypatch.setattr("sys.argv", ["clt-ray", "label-graphs", str(out), "--autointerp",
+                                     str(autointerp)])
+    cli.main()
+    assert f"{len(specs)} graphs in {out} relabelled" in capsys.readouterr().out
+
+    def expected(pair: tuple[int, int]) -> str:
+        if pair == pairs[1]:
+            return "a ‹img src=x onerror=alert(1)› tag"
+        return f"feature {pair[0]}/{pair[1]} fires on things" if pair in labels else ""
+
+    for spec in specs:
+        for n in _feature_nodes(_graph(out, spec.slug)):
+            assert n["clerp"] == expected((int(n["layer"]), int(n["node_id"].split("_")[1])))
+    logit = next(n for n in _graph(out, specs[0].slug)["nodes"] if n["feature_type"] == "logit")
+    assert logit["clerp"].startswith("Output ")  # other nodes keep circuit-tracer's labels
+
+    # a rerun with one more prompt computes only that one, labelled at attribute time from
+    # --autointerp (here explanations of every feature); failed prompts are tried again
+    folder = read_clt_folder(toy_clt)
+    every = _explanations(tmp_path / "every", {
+        (l, f): f"L{l} F{f}" for l in range(folder.n_layers) for f in range(folder.n_features)})
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.json")}
+    new = PromptSpec(mechanism_prompts("facts", 1, seed=SEED, max_context=0)[0].text)
+    messages: list[str] = []
+    everything = [*specs, *_failing(), new]
+    rows = attribute_prompts(toy_clt, everything, out, settings=SMALL, progress=False,
+                             example_tokens=512, autointerp=str(every), log=messages.append)
+    assert f"3 of {len(everything)} graphs already there" in "\n".join(messages)
+    assert all(p.stat().st_mtime_ns == before[p.name] for p in out.glob("*.json")
+               if p.name != "graph-metadata.json" and p.name in before)
+    assert [r["key"] for r in rows] == [s.key for s in everything]
+    assert [r["status"] for r in rows] == ["ok"] * 3 + ["failed"] * 2 + ["ok"]
+    assert sorted(r["key"] for r in _rows(out)) == sorted(s.key for s in everything)  # once
+    got = _feature_nodes(_graph(out, new.slug))
+    assert got and all(n["clerp"] == f"L{n['layer']} F{n['node_id'].split('_')[1]}" for n in got)
+    for row in rows:  # the dashboards of every feature of every graph are there
+        for n in row["feature_nodes"]:
+            index = cantor_pair(n["layer"], n["feature"])
+            assert (out / "features" / folder.name / f"{index}.json").is_file()
+
+    # by default, the explanations of the run the CLT was exported from
+    from clt_ray.attribution import find_labels
+
+    run = tmp_path / "run"
+    _explanations(run / "autointerp", labels)
+    moved = type(folder)(**{**folder.__dict__, "config": {
+        "clt_ray": {"checkpoint": str(run / "checkpoints" / "step_000000600")}}})
+    said: list[str] = []
+    assert find_labels(moved, None, said.append) == read_labels(run / "autointerp")
+    assert str(run / "autointerp" / "explanations.parquet") in said[0]
+    assert find_labels(folder, None, said.append) == {} and "no explanations" in said[1]
+
+
+def test_graph_viewer_shows_a_feature_label_on_hover(graphs, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    from clt_ray.attribution import relabel_graphs
+
+    out = tmp_path / "graphs"
+    shutil.copytree(graphs, out)
+    slug = _graph_specs()[0].slug
+    pairs = {(int(n["layer"]), int(n["node_id"].split("_")[1]))
+             for n in _feature_nodes(_graph(out, slug))}
+    relabel_graphs(out, {p: f"label of {p[0]}/{p[1]} <b>" for p in pairs})
+    chromium = os.environ.get("CLT_RAY_CHROMIUM", "/usr/bin/chromium")
+    with GraphsServer(out, port=0) as server, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, headless=True,
+                                     args=["--headless", "--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"{server.url}index.html?slug={slug}")
+            page.locator("text.node").first.wait_for(timeout=30_000)
+            # the CLT feature node farthest from any other (hover shows the nearest node's label)
+            index = page.evaluate("""() => {
+                const all = Array.from(document.querySelectorAll('text.node'))
+                  .map(el => d3.select(el).datum())
+                let best = -1, bestGap = -1
+                all.forEach((d, i) => {
+                  if (d.feature_type !== 'cross layer transcoder') return
+                  const gap = Math.min(...all.filter(e => e !== d).map(e =>
+                    Math.hypot(e.pos[0] - d.pos[0], e.pos[1] - d.pos[1])))
+                  if (gap > bestGap) { best = i; bestGap = gap }
+                })
+                return best }""")
+            assert index >= 0, "the graph shows no CLT feature node"
+            node = page.evaluate(f"""() => d3.select(document.querySelectorAll('text.node')
+                [{index}]).datum().node_id""")
+            page.locator("text.node").nth(index).hover()
+            page.wait_for_function("""() => !document.querySelector('.tooltip')
+                .classList.contains('tooltip-hidden')""", timeout=10_000)
+            layer, feature, _ = node.split("_")
+            assert page.locator(".tooltip").inner_text() == f"label of {layer}/{feature} ‹b›"
+        finally:
+            browser.close()
+
+
+def test_graphs_of_a_clt_in_a_store_name_it_and_resume_there(s3_bucket, toy_clt):
+    """--clt and --out in an object store: the graphs' scan and dashboards folder are named
+    after the CLT's URI (not the local copy's scratch name), so a rerun finds everything done."""
+    from click.testing import CliRunner
+
+    from clt_ray.cli import cli
+    from clt_ray.fsutil import filesystem
+
+    fs, root = filesystem(f"{s3_bucket}/clt")
+    for p in Path(toy_clt).iterdir():
+        with fs.open_output_stream(f"{root}/{p.name}") as f:
+            f.write(p.read_bytes())
+    args = ["attribute", "--clt", f"{s3_bucket}/clt", "--prompt", "The capital of Varnia is",
+            "--out", f"{s3_bucket}/graphs", "--example-tokens", "256", "--max-feature-nodes",
+            "64"]
+    first = CliRunner().invoke(cli, args)
+    assert first.exit_code == 0, first.output
+    slug = PromptSpec("The capital of Varnia is").slug
+    fs, root = filesystem(f"{s3_bucket}/graphs")
+    with fs.open_input_stream(f"{root}/{slug}.json") as f:
+        assert json.loads(f.read())["metadata"]["scan"] == "./data/features/clt"
+    assert fs.get_file_info(f"{root}/features/clt").type.name == "Directory"
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 0, again.output
+    assert "1 of 1 graphs already there: computing 0" in again.output
+    assert "top-k" in first.output and "top-k" not in again.output  # no dashboards again

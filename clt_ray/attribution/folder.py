@@ -81,7 +81,8 @@ def check_fits(clt: CLTFolder, hf_config: Any, model_name: str) -> None:
             "another model")
 
 
-def feature_scan(clt: CLTFolder) -> str:
-    """The scan written into graphs: with the bundled frontend's index.html at the server root,
-    `./data/features/<name>/<index>.json` is read from the data folder (offline dashboards)."""
-    return f"./data/features/{clt.name}"
+def feature_scan(clt: CLTFolder | str) -> str:
+    """The scan written into graphs of a CLT (or a CLT name): with the bundled frontend's
+    index.html at the server root, `./data/features/<name>/<index>.json` is read from the data
+    folder (offline dashboards)."""
+    return f"./data/{layout.FEATURE_DASHBOARDS}/{clt if isinstance(clt, str) else clt.name}"

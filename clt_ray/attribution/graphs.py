@@ -1,13 +1,11 @@
-"""One prompt's graph (scores on the full graph, pruning), its frontend JSON, the feature
-dashboards of its nodes, and many prompts in one go."""
+"""One prompt's graph (its logit targets, scores on the full graph, pruning), its frontend JSON,
+and the feature dashboards of graph nodes."""
 
 from __future__ import annotations
 
 import functools
 import json
 import os
-import re
-import shutil
 import tempfile
 import time
 import warnings
@@ -20,21 +18,14 @@ import torch
 from safetensors import safe_open
 
 from clt_ray import layout
-from clt_ray.attribution.folder import (
-    AttributionError,
-    Backend,
-    CLTFolder,
-    feature_scan,
-    read_clt_folder,
-)
-from clt_ray.attribution.replacement import load_replacement_model, token_strings, tokenize
+from clt_ray.attribution.folder import AttributionError, CLTFolder
+from clt_ray.attribution.replacement import token_strings, tokenize
 from clt_ray.config import DataConfig, GraphSettings, TopKSettings
 from clt_ray.data import heldout_windows
 from clt_ray.export import DASHBOARD_DATA_KEYS
 from clt_ray.features import dashboards
 from clt_ray.features.collect import TokenText, collect_rows, last_call, logit_effects
 from clt_ray.features.topk import bin_edges
-from clt_ray.fsutil import atomic_write_parquet, atomic_write_text
 
 
 @dataclass
@@ -112,49 +103,60 @@ def attribute_prompt(rm: Any, prompt: str | Sequence[int], settings: GraphSettin
 def contrast_target(rm: Any, plus: Sequence[str], minus: Sequence[str], name: str = "contrast"
                     ) -> Any:
     """An attribution target for mean logit(plus) − mean logit(minus) (e.g. later years minus
-    earlier ones): circuit-tracer's CustomTarget with that unembedding direction."""
+    earlier ones), `plus`/`minus` vocabulary token strings: circuit-tracer's CustomTarget with
+    that unembedding direction."""
+    def ids(tokens: Sequence[str]) -> list[int]:
+        found = rm.tokenizer.convert_tokens_to_ids(list(tokens))
+        if not tokens or any(i is None or i == rm.tokenizer.unk_token_id for i in found):
+            raise AttributionError(f"contrast tokens {list(tokens)} are not all in the vocabulary")
+        return found
+
+    return _contrast(rm, ids(plus), ids(minus), name)
+
+
+def _contrast(rm: Any, plus: list[int], minus: list[int], name: str) -> Any:
     from circuit_tracer.attribution.targets import CustomTarget
 
-    def column(tokens: Sequence[str]) -> torch.Tensor:
-        ids = rm.tokenizer.convert_tokens_to_ids(list(tokens))
-        if not tokens or any(i is None or i == rm.tokenizer.unk_token_id for i in ids):
-            raise AttributionError(f"contrast tokens {list(tokens)} are not all in the vocabulary")
-        return rm.unembed_proj[:, ids].float().mean(1)
-
-    return CustomTarget(name, 1.0, (column(plus) - column(minus)).to(rm.unembed_proj.dtype))
+    direction = rm.unembed_proj[:, plus].float().mean(1) - rm.unembed_proj[:, minus].float().mean(1)
+    return CustomTarget(name, 1.0, direction.to(rm.unembed_proj.dtype))
 
 
-def slugify(text: str, index: int) -> str:
-    words = re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[:40].strip("-")
-    return f"{index:03d}-{words or 'prompt'}"
+def logit_targets(rm: Any, target: Sequence[str] = (), contrast: Sequence[str] = ()
+                  ) -> list[Any] | None:
+    """The attribution targets of a prompt: None (the likeliest logits), the logits of `target`
+    tokens, or with `contrast` one target, mean logit(target) − mean logit(contrast). Each string
+    must be one token as the tokenizer encodes it (" Paris" with its space for GPT-2)."""
+    if not target:
+        if contrast:
+            raise AttributionError("a contrast needs a target")
+        return None
+    ids = [_one_token(rm, t) for t in target]
+    if not contrast:
+        return list(target)
+    minus = [_one_token(rm, t) for t in contrast]
+    return [_contrast(rm, ids, minus, f"{'+'.join(target)} − {'+'.join(contrast)}")]
 
 
-def write_graph(result: GraphResult, out_dir: str | os.PathLike[str], slug: str, scan: str,
-                settings: GraphSettings | None = None) -> Path:
-    """The frontend's graph JSON (`create_graph_files`) at out_dir/<slug>.json and its entry in
-    graph-metadata.json, each replaced atomically: a failure leaves the folder as it was."""
+def _one_token(rm: Any, text: str) -> int:
+    ids = rm.tokenizer.encode(text, add_special_tokens=False)
+    if len(ids) != 1:
+        raise AttributionError(f"target {text!r} is {len(ids)} tokens, not one")
+    if ids[0] == rm.tokenizer.unk_token_id:
+        raise AttributionError(f"target {text!r} is not in the vocabulary")
+    return int(ids[0])
+
+
+def graph_json(result: GraphResult, slug: str, scan: str, settings: GraphSettings | None = None
+               ) -> dict[str, Any]:
+    """The frontend's graph JSON of a result (circuit-tracer's `create_graph_files`, which
+    prunes with the same thresholds), as a dict: nodes, links, metadata, qParams."""
     from circuit_tracer.utils.create_graph_files import create_graph_files
 
     s = settings or GraphSettings()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".graph-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="clt_ray_graph_") as tmp:
         create_graph_files(result.graph, slug, tmp, scan=scan, node_threshold=s.node_threshold,
                            edge_threshold=s.edge_threshold)
-        entry = json.loads((Path(tmp) / layout.GRAPH_METADATA).read_text())["graphs"][0]
-        os.replace(Path(tmp) / f"{slug}.json", out_dir / f"{slug}.json")
-    meta_path = out_dir / layout.GRAPH_METADATA
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"graphs": []}
-    meta["graphs"] = [g for g in meta["graphs"] if g["slug"] != slug] + [
-        {**entry, "replacement_score": result.replacement,
-         "completeness_score": result.completeness}]
-    atomic_write_text(meta_path, json.dumps(meta, indent=1))
-    return out_dir / f"{slug}.json"
-
-
-
-
-
+        return json.loads((Path(tmp) / f"{slug}.json").read_text())
 
 
 def write_feature_dashboards(rm: Any, clt: CLTFolder, features: Sequence[tuple[int, int]],
@@ -221,59 +223,3 @@ def example_windows(rm: Any, clt: CLTFolder, corpus: str | None, n_tokens: int
     valid = mask.bool()
     valid[:, 0] = False  # BOS: circuit-tracer zeroes it too
     return ids, valid
-
-
-def attribute_prompts(
-    clt: str | os.PathLike[str],
-    prompts: Sequence[str],
-    out_dir: str | os.PathLike[str],
-    *,
-    model: str | None = None,
-    backend: Backend = "auto",
-    settings: GraphSettings | None = None,
-    device: str = "cpu",
-    corpus: str | None = None,
-    example_tokens: int = 16384,
-    progress: bool = True,
-    log: Any = print,
-) -> list[dict[str, Any]]:
-    """Graphs of many prompts with the model loaded once, into out_dir (the frontend's data
-    folder): <slug>.json per prompt, graph-metadata.json, features/<clt name>/<index>.json for
-    every feature of every pruned graph, and graphs.parquet (one row per prompt). Every prompt
-    is checked before the first graph is computed."""
-    from tqdm import tqdm
-
-    settings = settings or GraphSettings()
-    folder = read_clt_folder(clt)
-    prompts = [p for p in prompts if p.strip()]
-    if not prompts:
-        raise AttributionError("no prompts given")
-    rm = load_replacement_model(folder, model, backend=backend, device=device)
-    for p in prompts:
-        tokenize(rm, p)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale(out_dir)
-    scan = feature_scan(folder)
-    rows, features = [], set()
-    for i, prompt in enumerate(tqdm(prompts, desc="graphs", unit="graph", disable=not progress)):
-        result = attribute_prompt(rm, prompt, settings)
-        slug = slugify(prompt, i)
-        write_graph(result, out_dir, slug, scan, settings)
-        features.update((layer, f) for layer, _, f in result.feature_nodes())
-        rows.append({"slug": slug, **result.summary()})
-    atomic_write_parquet(rows, out_dir / layout.GRAPH_SUMMARY)  # one row per graph
-    windows = example_windows(rm, folder, corpus, example_tokens)
-    if windows is None:
-        log("no corpus for feature examples (pass --corpus): dashboards show logit effects only")
-        windows = (torch.zeros(0, 1, dtype=torch.long), torch.zeros(0, 1, dtype=torch.bool))
-    write_feature_dashboards(rm, folder, sorted(features), *windows, out_dir, progress=progress)
-    return rows
-
-
-
-
-def remove_stale(out_dir: Path) -> None:
-    """Leftover temporary folders of an interrupted run."""
-    for p in out_dir.glob(".graph-*"):
-        shutil.rmtree(p, ignore_errors=True)

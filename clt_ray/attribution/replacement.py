@@ -80,6 +80,18 @@ def _position_safe_clt_class() -> type:
     return PositionSafeCLT
 
 
+def check_model(clt: CLTFolder, model: str | None = None, backend: Backend = "auto") -> str:
+    """Everything about the model that can be known without its weights: it is available (a
+    hub name offline must be cached), the CLT fits it, a backend maps it. Returns its name."""
+    name = model or clt.model_name
+    if not name:
+        raise AttributionError(f"{clt.path}/config.yaml names no model; pass one")
+    _, hf_config = model_config(name)
+    check_fits(clt, hf_config, name)
+    pick_backend(hf_config, backend, clt.input_hook)
+    return name
+
+
 def load_replacement_model(
     clt: str | os.PathLike[str] | CLTFolder,
     model: str | None = None,

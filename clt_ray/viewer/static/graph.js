@@ -1,6 +1,7 @@
-// One attribution graph in circuit-tracer's frontend (same-origin iframe under /ct/). The frame
-// keeps the clicked node in its URL (clickedId); watching it, this page names the clicked CLT
-// feature and links to its feature page.
+// One attribution graph in circuit-tracer's frontend (same-origin iframe under /ct/), whose
+// hover tooltip shows each node's label (its clerp: the feature's explanation). The frame keeps
+// the clicked node in its URL (clickedId); watching it, this page names the clicked CLT feature
+// and links to its feature page.
 'use strict';
 
 (async function () {
@@ -35,7 +36,8 @@
       return;
     }
     const f = await getJSON(`/api/feature/${n.layer}/${n.feature}`);
-    const text = f.ok && f.data.explanation && f.data.explanation.explanation;
+    // the run's explanation, else the graph's own label (graphs labelled from another run)
+    const text = (f.ok && f.data.explanation && f.data.explanation.explanation) || n.clerp;
     bar.innerHTML = `Feature L${n.layer} / ${n.feature} at position ${n.ctx_idx}${text ? ': <b>' + esc(text) + '</b>' : ''} —
       <a class="open-feature" href="/feature/${n.layer}/${n.feature}">open feature page →</a>`;
   }, 250);
