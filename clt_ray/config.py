@@ -363,6 +363,12 @@ class TrainConfig(StrictModel):
     tf32: bool = False
     """Let CUDA run the step's fp32 matmuls in TF32 (weights and Adam stay fp32): 312 -> 95 ms a
     step on an H200 at L 12, d 768, F 8192, B 4096. No effect on CPU."""
+    decoder: Literal["auto", "dense", "sparse"] = "auto"
+    """How the step decodes: `dense` (a matmul per source layer over all F features), `sparse`
+    (only the active (token, feature) pairs, forward and backward; same gradients to round-off),
+    or `auto`: sparse on each step where the entries the backward needs (L0, plus JumpReLU's
+    in-window ones) are few enough to make it faster on this device (clt_ray.nn.step
+    SPARSE_MAX_DENSITY, measured on CPU; CUDA stays dense until measured)."""
     device: str | None = None
     """Where the CLT trains; default: the model's device."""
     seed: int = 0

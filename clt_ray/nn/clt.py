@@ -18,6 +18,7 @@ so they take `gather(t) -> concatenation of every shard's t along the last dim`.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -274,11 +275,15 @@ class CrossLayerTranscoder(nn.Module):
             raise ValueError(f"expected activations of shape [batch, {L}, {d}] "
                              f"(n_layers, d_model), got {list(x.shape)}")
 
+    def preactivations(self, x: Tensor) -> Tensor:
+        """Normalised x [B, L, d] → h = W_enc x + b_enc [B, L, F_local], contiguous per layer."""
+        self._check_input(x)
+        return self._pre_layer_major(x).transpose(0, 1)
+
     def encode(self, x: Tensor, gather: Gather | None = None) -> tuple[Tensor, Tensor]:
         """Normalised x [B, L, d] → (pre-activations h, activations a), each [B, L, F_local].
         TopK/BatchTopK on a shard need `gather` (module doc)."""
-        self._check_input(x)
-        pre = self._pre_layer_major(x).transpose(0, 1)  # [B, L, F], contiguous per layer
+        pre = self.preactivations(x)
         act = self.cfg.activation
         if act == "jumprelu":
             return pre, jumprelu(pre, self.log_threshold.exp(), self.cfg.bandwidth)
@@ -317,6 +322,28 @@ class CrossLayerTranscoder(nn.Module):
     def decoder_norms(self) -> Tensor:
         """‖W_dec,l,i‖ over all target layers and d, [L, F_local]."""
         return torch.stack([row_norms(w) for w in self.W_dec])
+
+    def grad_support(self, pre: Tensor, acts: Tensor | None = None) -> Tensor:
+        """[B, L, F_local] bool: the entries whose ∂L/∂a reaches a parameter, so the only ones a
+        sparse decoder's backward must compute (`decode(support=…)`, `SparseDecode`). ReLU, TopK
+        and BatchTopK pass ∂L/∂a on through active entries only (a ≠ 0; TopK/BatchTopK need
+        `acts` for that, ReLU's are h > 0). JumpReLU also passes it to θ from inactive entries
+        inside the STE window |h − θ| < ε/2 (JumpReLUFn, losses.ActivationLossesFn); their union
+        with the active ones (h > θ) is exactly h − θ > −ε/2, with h − θ computed as those
+        compute it. Its density is the sparse step's cost: with the window, L0/F + the share of
+        pre-activations within ε/2 of θ."""
+        act = self.cfg.activation
+        if act == "jumprelu":  # a layer at a time: small temporaries (no fresh pages on CPU)
+            pre, theta = pre.detach(), self.log_threshold.detach().exp()
+            out = torch.empty(pre.shape, dtype=torch.bool, device=pre.device)
+            for l in range(pre.shape[1]):
+                torch.gt(pre[:, l] - theta[l], -self.cfg.bandwidth / 2, out=out[:, l])
+            return out
+        if act == "relu":
+            return pre.detach() > 0
+        if acts is None:
+            raise ValueError(f"grad_support of a {act} CLT needs its activations")
+        return acts.detach() != 0
 
     def forward(self, x: Tensor, gather: Gather | None = None, bias: bool = True) -> CLTOutput:
         """Normalised x [B, L, d] → ŷ (normalised), activations, and what the losses need."""
@@ -408,6 +435,105 @@ def sparse_rows_matmul(a: Tensor, W: Tensor, support: Tensor | None = None) -> T
     rows, feats = (a.detach() != 0 if support is None else support).nonzero(as_tuple=True)
     offsets = torch.searchsorted(rows, torch.arange(a.shape[0], device=a.device))
     return F.embedding_bag(feats, W, offsets, mode="sum", per_sample_weights=a[rows, feats])
+
+
+# torch warns once that CSR support is "in beta"; the kernels used here are tested
+# (tests/test_clt_fast_paths.py). A filter set once, as catch_warnings is not thread-safe.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta",
+                        category=UserWarning)
+
+
+def _csr(rows: Tensor, cols: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
+    """A CSR matrix from (row, col, value) triples sorted by row (indices built here: valid)."""
+    crow = torch.zeros(shape[0] + 1, dtype=torch.int64, device=rows.device)
+    torch.cumsum(torch.bincount(rows, minlength=shape[0]), 0, out=crow[1:])
+    return torch.sparse_csr_tensor(crow, cols, values, shape, check_invariants=False)
+
+
+class SparseDecode:
+    """The training step's decoder over the active (token, feature) pairs only, forward and
+    backward, with the dense decoder's results to round-off (docs/design.md §3).
+
+    Per source layer l, the activations a_l [B, F] become a CSR matrix A_l of their nonzeros, and
+    torch's sparse-dense kernels (MKL on CPU, cuSPARSE on CUDA) do the three products, so each
+    costs ~ nnz·(L − l)·d instead of B·F·(L − l)·d:
+      ŷ[:, l:] += A_l W_l            `decode`: addmm into ŷ's slice in place; autograd to a only
+      ∂L/∂a_l = (g_l W_lᵀ) on `support`, 0 elsewhere   (sampled_addmm; `grad_support`)
+      ∂L/∂W_l += A_lᵀ g_l            `weight_grads`: accumulated into the gradient buffers
+    W_l = W_dec[l] viewed [F, (L − l)·d], g_l = ∂L/∂ŷ[:, l:]. W_dec gets no autograd edge: the
+    step writes its gradient (decoder term + the decoder-norm term) into reused buffers: on CPU a
+    fresh W_dec-sized tensor a step costs ~1 s at GPT-2 small's shape (F 6144) in first-touch
+    page faults alone. The products run in the parameters' dtype, also under autocast."""
+
+    def __init__(self, model: CrossLayerTranscoder, acts: Tensor,
+                 support: Tensor | None = None) -> None:
+        self.model = model
+        self.dtype = model.b_dec.dtype
+        self.acts_dtype = acts.dtype
+        B, L, Fl = acts.shape
+        self.A, self.AT, self.S = [], [], []
+        with torch.no_grad():
+            for l in range(L):
+                a_l = acts[:, l].detach()
+                rows, feats = (a_l != 0).nonzero(as_tuple=True)
+                vals = a_l[rows, feats].to(self.dtype)
+                self.A.append(_csr(rows, feats, vals, (B, Fl)))
+                order = torch.argsort(feats, stable=True)
+                self.AT.append(_csr(feats[order], rows[order], vals[order], (Fl, B)))
+                if support is not None:
+                    rows, feats = support[:, l].nonzero(as_tuple=True)
+                pattern = _csr(rows, feats, torch.zeros_like(feats, dtype=self.dtype), (B, Fl))
+                self.S.append((pattern, rows, feats))
+
+    def _W(self, l: int) -> Tensor:
+        return self.model.W_dec[l].detach().view(self.model.n_local, -1)
+
+    def decode(self, acts: Tensor) -> Tensor:
+        """The partial reconstruction ŷ [B, L, d] (no b_dec), differentiable w.r.t. `acts` (the
+        tensor this was built from)."""
+        return _SparseDecodeFn.apply(acts, self)
+
+    def _forward(self, B: int) -> Tensor:
+        L, d = self.model.cfg.n_layers, self.model.cfg.d_model
+        y = torch.zeros(B, L * d, dtype=self.dtype, device=self.model.b_dec.device)
+        with torch.autocast(y.device.type, enabled=False):
+            for l, A in enumerate(self.A):
+                y[:, l * d:].addmm_(A, self._W(l))
+        return y.view(B, L, d)
+
+    def _acts_grad(self, g: Tensor) -> Tensor:
+        B, L, d = g.shape
+        g = g.to(self.dtype).reshape(B, L * d)
+        ga = torch.zeros(B, L, self.model.n_local, dtype=self.dtype, device=g.device)
+        with torch.autocast(g.device.type, enabled=False):
+            for l, (pattern, rows, feats) in enumerate(self.S):
+                if len(rows):
+                    r = torch.sparse.sampled_addmm(pattern, g[:, l * d:], self._W(l).T, beta=0.0)
+                    ga[:, l][rows, feats] = r.values()
+        return ga.to(self.acts_dtype)
+
+    @torch.no_grad()
+    def weight_grads(self, g: Tensor, out: list[Tensor]) -> None:
+        """out[l] [F, L − l, d] += A_lᵀ g_l: the decoder term of W_dec's gradient, where g is
+        ∂L/∂ŷ [B, L, d]; out holds the rest of the gradient (the decoder-norm term) already."""
+        B, L, d = g.shape
+        g = g.to(self.dtype).reshape(B, L * d)
+        with torch.autocast(g.device.type, enabled=False):
+            for l, AT in enumerate(self.AT):
+                out[l].view(self.model.n_local, -1).addmm_(AT, g[:, l * d:])
+
+
+class _SparseDecodeFn(torch.autograd.Function):
+    """ŷ = SparseDecode's forward, with ∂L/∂a on its support (W_dec's gradient: weight_grads)."""
+
+    @staticmethod
+    def forward(ctx: Any, acts: Tensor, dec: SparseDecode) -> Tensor:
+        ctx.dec = dec
+        return dec._forward(acts.shape[0])
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None]:
+        return ctx.dec._acts_grad(g), None
 
 
 def estimate_norm_scale(acts: Tensor) -> Tensor:

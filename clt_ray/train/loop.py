@@ -258,7 +258,8 @@ class Trainer:
         with self._autocast():
             result = train_step(self.model, self.optimizer, x, y, step=self.state.step,
                                 total_steps=self.total_steps, loss_cfg=self.loss_cfg,
-                                optim_cfg=self.optim_cfg, collectives=self.collectives)
+                                optim_cfg=self.optim_cfg, collectives=self.collectives,
+                                decoder=self.train_cfg.decoder)
         c = self.collectives
         fired = result.fired if c.replicas == 1 else c.replica_sum(result.fired.to(torch.int32)) > 0
         tokens = x.shape[0] * c.replicas
