@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -181,8 +182,18 @@ def _train_shard_group(cfg: Config, run: Staged, *, shards: int, replicas: int,
                leave=False, disable=not cfg.train.progress)
     metrics = MetricsFile(run.local, log=log)  # a torn last line is dropped, and said
     pushed = time.monotonic()
+    # Ctrl-C stops the run (the shards are killed with the driver; --resume goes on from the last
+    # checkpoint). A handler of our own: a KeyboardInterrupt raised inside ray.get was lost, and
+    # the run went on to the end (bench/scale.py at GPT-2 shape).
+    interrupted = threading.Event()
+    on_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.set()) if on_main else None
     try:
         while True:
+            if interrupted.is_set():
+                log("interrupted: the shards stop; `clt-ray train --resume` goes on from the "
+                    "last checkpoint")
+                raise KeyboardInterrupt
             alive = thread.is_alive()
             if _drain(progress, metrics, bar) and time.monotonic() - pushed > METRICS_PUSH_S:
                 run.push(layout.METRICS)  # a store has no append: the whole file, now and then
@@ -191,6 +202,8 @@ def _train_shard_group(cfg: Config, run: Staged, *, shards: int, replicas: int,
                 break
             time.sleep(0.5)
     finally:
+        if on_main:
+            signal.signal(signal.SIGINT, previous)
         bar.close()
         ray.kill(progress)
     if "error" in outcome:

@@ -55,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from clt_ray.config import CLTConfig, LossConfig, LRSchedule, OptimConfig
 from clt_ray.nn.clt import CrossLayerTranscoder
 from clt_ray.nn.step import compute_grads, make_optimizer, train_step
+from clt_ray.plan import step_flops
 
 
 @dataclass
@@ -108,12 +109,6 @@ def interleaved(runs: dict[Any, Callable[[], object]], device: torch.device, rep
             if i >= warmup:
                 times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}
-
-
-def step_flops(L: int, d: int, F: int, B: int) -> int:
-    enc = 2 * B * L * F * d
-    dec = 2 * B * F * d * L * (L + 1) // 2
-    return 2 * enc + 3 * dec
 
 
 def make_clt(s: Shape, device: torch.device, rate: float | None = None,
@@ -335,6 +330,9 @@ def main() -> None:
                   flush=True)
             if s.name == "gpt2":
                 result["flop_ratio_gpt2_dense"] = round(r["ratio"], 3)
+                # the profile `clt-ray plan --profile` reads: FLOP/s of the dense step and matmuls
+                result["achieved_flop_s"] = round(r["flops"] / r["t_step"])
+                result["matmul_flop_s"] = round(r["flops"] / r["t_mm"])
                 result["flop_ratio_shape"] = {"L": s.layers, "d": s.d_model, "F": s.features,
                                               "B": s.batch}
     if "b" in sections:

@@ -69,6 +69,22 @@ class Location(click.ParamType):
         return value
 
 
+class Size(click.ParamType):
+    """A memory size: "2GB", "512MB", "24GiB" or a plain number of GB, as bytes."""
+
+    name = "size"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        from clt_ray.plan import PlanError, parse_size
+
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(str(value))
+        except PlanError as exc:
+            self.fail(str(exc), param, ctx)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="clt-ray")
 def cli() -> None:
@@ -407,8 +423,8 @@ def cache(config_path: Path, out: str, tokens: int, bits: str, zstd_level: int,
               help="train.batch_size, tokens a step (default: 1024).")
 @click.option("--lm-dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
               help="model.dtype of the producers' LM (default: float32).")
-@click.option("--lm-batch-size", type=int, default=None,
-              help="data.lm_batch_size, windows a forward pass (default: 32).")
+@click.option("--windows-per-file", type=int, default=64, show_default=True,
+              help="`clt-ray cache --windows-per-file`: the producer's windows a forward pass.")
 @click.option("--context-size", type=int, default=None,
               help="data.context_size, tokens a window (default: 128).")
 @click.option("--profile", type=LocalPath(exists=True, dir_okay=False, path_type=Path), default=None,
@@ -416,7 +432,7 @@ def cache(config_path: Path, out: str, tokens: int, bits: str, zstd_level: int,
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def plan_command(model: str, expansion: float | None, features: int | None, activation: str,
                  input_hook: str, precision: str | None, gpu_memory: str,
-                 batch_size: int | None, lm_dtype: str | None, lm_batch_size: int | None,
+                 batch_size: int | None, lm_dtype: str | None, windows_per_file: int,
                  context_size: int | None, profile: Path | None, as_json: bool) -> None:
     """What a CLT on MODEL costs, before anything runs: parameters, bytes a shard, the fewest
     shards (GPUs) that fit --gpu-memory, activation-cache bytes, producer and trainer memory, and
@@ -427,7 +443,7 @@ def plan_command(model: str, expansion: float | None, features: int | None, acti
 
     result = make_plan(model, expansion=expansion, features=features, activation=activation,
                        input_hook=input_hook, precision=precision, gpu_memory=gpu_memory,
-                       batch_size=batch_size, lm_dtype=lm_dtype, lm_batch_size=lm_batch_size,
+                       batch_size=batch_size, lm_dtype=lm_dtype, windows_per_file=windows_per_file,
                        context_size=context_size, profile=profile)
     click.echo(result.to_json() if as_json else format_plan(result))
 
@@ -560,7 +576,11 @@ def _graph_options(fn):
 @click.option("--desired-logit-prob", type=click.FloatRange(0, 1, min_open=True), default=0.95,
               show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Source nodes per backward pass.")
+              help="Source nodes per backward pass, at most (lowered per prompt to keep "
+              "--gather-memory).")
+@click.option("--gather-memory", type=Size(), default="2GB", show_default=True,
+              help="Memory a backward pass may use to gather the gradients of every active "
+              "feature (grows with batch × active features × d_model).")
 @click.option("--node-threshold", type=click.FloatRange(0, 1), default=0.8, show_default=True)
 @click.option("--edge-threshold", type=click.FloatRange(0, 1), default=0.98, show_default=True)
 @click.option("--corpus", default=None, help="Where feature examples come from (default: the "
@@ -588,7 +608,8 @@ def _graph_options(fn):
 def attribute_command(clt: str, prompts: tuple[str, ...], prompts_file: Path | None, out: str,
                       model: str | None, backend: str, device: str, max_feature_nodes: int,
                       max_n_logits: int, desired_logit_prob: float, batch_size: int,
-                      node_threshold: float, edge_threshold: float, corpus: str | None,
+                      gather_memory: int, node_threshold: float, edge_threshold: float,
+                      corpus: str | None,
                       example_tokens: int, workers: int | None, gpus_per_worker: float | None,
                       cpus_per_worker: float, address: str | None, autointerp: str | None,
                       neuronpedia_model: str | None, feature_json_base_url: str | None) -> None:
@@ -610,7 +631,8 @@ def attribute_command(clt: str, prompts: tuple[str, ...], prompts_file: Path | N
         raise click.UsageError("give --prompt TEXT (repeatable) or --prompts-file FILE")
     settings = GraphSettings(max_feature_nodes=max_feature_nodes, max_n_logits=max_n_logits,
                              desired_logit_prob=desired_logit_prob, batch_size=batch_size,
-                             node_threshold=node_threshold, edge_threshold=edge_threshold)
+                             gather_bytes=gather_memory, node_threshold=node_threshold,
+                             edge_threshold=edge_threshold)
     upload = (Upload(neuronpedia_model, feature_json_base_url)
               if neuronpedia_model or feature_json_base_url else None)
     _existing(clt, "--clt")

@@ -293,6 +293,11 @@ class OptimConfig(StrictModel):
     """Clip the GLOBAL gradient norm (over all shards) to this; None: no clipping."""
 
 
+WINDOWS_PER_FILE = 64
+"""Windows a cache file holds by default (`clt-ray cache --windows-per-file`): a producer runs
+the LM over them in one forward pass, so they also set its memory (clt_ray.plan)."""
+
+
 class DataConfig(StrictModel):
     """The `data:` section: where training activations come from."""
 
@@ -434,7 +439,13 @@ class GraphSettings(StrictModel):
     max_n_logits: PositiveInt = 10
     desired_logit_prob: float = Field(0.95, gt=0, le=1)
     batch_size: PositiveInt = 256
-    """Source nodes per backward pass."""
+    """Source nodes per backward pass, at most: lowered per prompt to keep `gather_bytes`."""
+    gather_bytes: PositiveInt = 2_000_000_000
+    """Memory one backward pass may use to gather gradients. circuit-tracer's backward hook
+    gathers, for each source node of the batch, the gradient at every active feature's decoder
+    position, [batch, active features, d] fp32 and an einsum copy: at GPT-2 small's shape a
+    prompt with ~27 k active features took 21 GB at batch 256 (bench/scale.py). The batch is
+    cut so that batch × 2 × active × d × 4 bytes ≤ this (`attribution.graphs.source_batch`)."""
     node_threshold: float = Field(0.8, ge=0, le=1)
     edge_threshold: float = Field(0.98, ge=0, le=1)
 

@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -266,17 +266,30 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
-def atomic_write_parquet(rows: list[dict], path: str | os.PathLike[str], schema=None,
+def atomic_write_parquet(rows: Any, path: str | os.PathLike[str], schema: Any = None,
                          row_group_size: int | None = None) -> Path:
-    """Rows as a Parquet file (with `schema`, a pyarrow schema, when given), atomically;
+    """Rows (a list of dicts, or a pyarrow Table: large outputs stay in Arrow, since Python
+    objects of 73,728 features' top-k rows took > 20 GB) as a Parquet file (with `schema`, a
+    pyarrow schema, when given), written under a temporary name in the same folder, then renamed;
     row_group_size: rows per row group, so a reader of a few rows decodes only their groups."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    sink = pa.BufferOutputStream()
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), sink, row_group_size=row_group_size)
-    atomic_write_bytes(path, sink.getvalue().to_pybytes())
-    return Path(path)
+    table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows, schema=schema)
+    if schema is not None and isinstance(rows, pa.Table):
+        table = table.select(schema.names).cast(schema)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp, row_group_size=row_group_size)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
 
 
 @contextlib.contextmanager

@@ -25,6 +25,7 @@ from typing import Any
 
 from clt_ray.config import (
     HOOK_PAIRS,
+    WINDOWS_PER_FILE,
     CLTSection,
     DataConfig,
     ModelConfig,
@@ -301,13 +302,15 @@ def smallest_shards(n_layers: int, d_model: int, n_features: int, gpu_bytes: flo
     return None
 
 
-def producer_memory(shape: LMShape, lm_dtype: str, lm_batch_size: int, context_size: int,
+def producer_memory(shape: LMShape, lm_dtype: str, windows_per_file: int, context_size: int,
                     bits: int = 8) -> dict[str, int]:
-    """One cache producer (`cache.produce`): on its device the LM's weights, the x/y buffers of
-    one forward pass (fp32, [windows·context, L, d] each) and one layer's intermediates
-    (q/k/v, attention scores as eager attention makes them, the MLP's hidden units); in host
-    memory the CPU copies of x and y, one fp32 working copy while quantising, and the block."""
-    n = lm_batch_size * context_size
+    """One cache producer (`cache.produce`): it runs the LM over a whole file's windows in one
+    forward pass (`--windows-per-file`, 64; sized by data.lm_batch_size it read 27% low at GPT-2
+    shape, bench/scale.py). On its device the LM's weights, the x/y buffers of that pass (fp32,
+    [windows·context, L, d] each) and one layer's intermediates (q/k/v, attention scores as eager
+    attention makes them, the MLP's hidden units); in host memory the CPU copies of x and y, one
+    fp32 working copy while quantising, and the block."""
+    n = windows_per_file * context_size
     L, d, b = shape.n_layers, shape.d_model, DTYPE_BYTES[lm_dtype]
     gated = shape.model_type not in ("gpt2", "gpt_neox")
     hidden = (3 if gated else 2) * shape.d_mlp
@@ -464,7 +467,7 @@ def make_plan(model: str | LMShape, *, expansion: float | None = None,
               features: int | None = None, activation: str = "jumprelu",
               input_hook: str = "hook_resid_mid", precision: str | None = None,
               gpu_memory: str | int = "80GB", batch_size: int | None = None,
-              lm_dtype: str | None = None, lm_batch_size: int | None = None,
+              lm_dtype: str | None = None, windows_per_file: int = WINDOWS_PER_FILE,
               context_size: int | None = None, bits: int = 8,
               profile: Profile | str | Path | None = None) -> Plan:
     """The plan for a CLT of this width on `model` (a name for `lm_shape`, or a shape). Defaults
@@ -481,13 +484,12 @@ def make_plan(model: str | LMShape, *, expansion: float | None = None,
         if value not in DTYPE_BYTES:
             raise PlanError(f"unknown {what} {value!r} (supported: {', '.join(DTYPE_BYTES)})")
     check_width(expansion, features)
-    for flag, value in (("--batch-size", batch_size), ("--lm-batch-size", lm_batch_size),
+    for flag, value in (("--batch-size", batch_size), ("--windows-per-file", windows_per_file),
                         ("--context-size", context_size)):
         if value is not None and value < 1:
             raise PlanError(f"{flag} must be at least 1, got {value}")
     B = batch_size or train_defaults.batch_size
     data = data_defaults.model_copy(update={
-        "lm_batch_size": lm_batch_size or data_defaults.lm_batch_size,
         "context_size": context_size or data_defaults.context_size})
     gpu = parse_size(gpu_memory) if isinstance(gpu_memory, str) else int(gpu_memory)
     prof = load_profile(profile) if isinstance(profile, (str, Path)) else profile
@@ -517,9 +519,9 @@ def make_plan(model: str | LMShape, *, expansion: float | None = None,
         headroom_rule=HEADROOM_RULE,
         cache_bytes_per_million_tokens={f"int{b}": cache_bytes_per_token(L, d, b) * 10**6
                                         for b in BITS},
-        producer={"lm_dtype": lm_dtype, "lm_batch_size": data.lm_batch_size,
+        producer={"lm_dtype": lm_dtype, "windows_per_file": windows_per_file,
                   "context_size": data.context_size,
-                  **producer_memory(shape, lm_dtype, data.lm_batch_size, data.context_size, bits)},
+                  **producer_memory(shape, lm_dtype, windows_per_file, data.context_size, bits)},
         trainer_host=None if mem is None else trainer_host_memory(
             L, d, F, mem.shards, shape.params, lm_dtype, data, train_defaults),
         notes=notes,
@@ -607,8 +609,8 @@ def format_plan(plan: Plan) -> str:
     cache = ", ".join(f"{k} {hb(v)}" for k, v in plan.cache_bytes_per_million_tokens.items())
     rows.append(_row("cache", f"per 1M tokens, before zstd: {cache}"))
     pr = plan.producer
-    rows.append(_row("producer", f"{pr['lm_dtype']} LM, {pr['lm_batch_size']} windows × "
-                     f"{pr['context_size']} tokens a pass: device {hb(pr['device_total'])} "
+    rows.append(_row("producer", f"{pr['lm_dtype']} LM, {pr['windows_per_file']} windows × "
+                     f"{pr['context_size']} tokens a pass (a cache file): device {hb(pr['device_total'])} "
                      f"(weights {hb(pr['weights'])}), host {hb(pr['host_total'])}"))
     if (th := plan.trainer_host) is not None:
         rows.append(_row("trainer host", f"{hb(th['each_shard'])} a shard; rank 0 "

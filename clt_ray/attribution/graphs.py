@@ -86,11 +86,12 @@ def attribute_prompt(rm: Any, prompt: str | Sequence[int], settings: GraphSettin
     s = settings or GraphSettings()
     ids = tokenize(rm, prompt)
     start = time.perf_counter()
+    batch = source_batch(rm, ids, s)
     with warnings.catch_warnings():  # circuit-tracer's backward hooks on outputs, by design
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         graph = attribute(ids, rm, attribution_targets=list(targets) if targets else None,
                           max_n_logits=s.max_n_logits, desired_logit_prob=s.desired_logit_prob,
-                          batch_size=s.batch_size, max_feature_nodes=s.max_feature_nodes)
+                          batch_size=batch, max_feature_nodes=s.max_feature_nodes)
     if isinstance(prompt, str):
         graph.input_string = prompt
     replacement, completeness = compute_graph_scores(graph)
@@ -98,6 +99,16 @@ def attribute_prompt(rm: Any, prompt: str | Sequence[int], settings: GraphSettin
     return GraphResult(graph.input_string, token_strings(rm, ids.tolist()), graph, replacement,
                        completeness, node_mask.cpu(), edge_mask.cpu(),
                        time.perf_counter() - start)
+
+
+def source_batch(rm: Any, ids: torch.Tensor, s: GraphSettings) -> int:
+    """Source nodes per backward pass for this prompt: s.batch_size, lowered so that the
+    gradients circuit-tracer's hook gathers ([batch, active features, d] fp32, and a copy in its
+    einsum) fit s.gather_bytes. One forward pass counts the prompt's active features."""
+    _, acts = rm.get_activations(ids, sparse=True)
+    active = max(1, int(acts._nnz()))
+    per_source = 2 * active * int(rm.transcoders.d_model) * 4
+    return max(1, min(s.batch_size, s.gather_bytes // per_source))
 
 
 def contrast_target(rm: Any, plus: Sequence[str], minus: Sequence[str], name: str = "contrast"
@@ -172,18 +183,25 @@ def write_feature_dashboards(rm: Any, clt: CLTFolder, features: Sequence[tuple[i
         return 0
     s = settings or TopKSettings()
 
-    def encode(w: torch.Tensor) -> torch.Tensor:  # [W, T, L, F]
+    def encode(w: torch.Tensor, a: int = 0, b: int | None = None) -> torch.Tensor:
+        """[W, T, L, b − a]: each window's activations of features [a, b), sliced as it is made
+        (all F of ~150 windows at GPT-2 shape, expansion 8, were 5.7 GB, twice over)."""
         out = []
         for i in w.tolist():
             n = int(valid[i].nonzero().max()) + 1 if valid[i].any() else 1
             _, acts = rm.get_activations(rm.ensure_tokenized(windows[i, :n]))
-            acts = acts.float().cpu().permute(1, 0, 2)  # [n, L, F]
+            acts = acts[..., a:b].float().cpu().permute(1, 0, 2)  # [n, L, b − a]
             full = acts.new_zeros(windows.shape[1], *acts.shape[1:])
             full[:n] = acts
             out.append(full)
         return torch.stack(out)
 
-    acts_of = last_call(encode)
+    chunk_acts = last_call(encode)  # pass 1: every range of a chunk reads one encoding
+
+    def acts_of(w: torch.Tensor, a: int, b: int) -> torch.Tensor:
+        if len(w) <= s.chunk_windows:
+            return chunk_acts(w)[..., a:b]
+        return encode(w, a, b)  # pass 2: a range's example windows, only its features
 
     def decoder_rows(layer: int, a: int, b: int) -> torch.Tensor:
         with safe_open(str(clt.path / f"W_dec_{layer}.safetensors"), "pt") as f:
@@ -197,14 +215,14 @@ def write_feature_dashboards(rm: Any, clt: CLTFolder, features: Sequence[tuple[i
     chunks = [(c, min(c + s.chunk_windows, len(windows)))
               for c in range(0, len(windows), s.chunk_windows)]
     rows = collect_rows(
-        lambda w, a, b: acts_of(w)[..., a:b],
+        acts_of,
         lambda a, b: logit_effects(decoder_rows, clt.n_layers, unembed, text, a, b, s.logits),
-        windows, valid, ranges, chunks, text, s, progress)
+        windows, valid, ranges, chunks, text, s, progress,
+        keep=lambda layer, feature: (layer, feature) in wanted)  # not the ranges' thousands
     folder = Path(out_dir) / layout.FEATURE_DASHBOARDS / clt.name
     edges = bin_edges().tolist()
     for row in rows:
-        if (row["layer"], row["feature"]) in wanted:
-            dashboards.write_feature_json(folder, dashboards.feature_json(row, clt.name, edges))
+        dashboards.write_feature_json(folder, dashboards.feature_json(row, clt.name, edges))
     return len(wanted)
 
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 from typing_extensions import Self
 
@@ -158,9 +159,16 @@ def _run(cfg: AutoInterpConfig, executor: Executor, loaded: LoadedCheckpoint,
                          extra={"request": wanted}, log=log)
     else:
         log(f"reusing {features_file}")
-    rows = [r for r in pq.read_table(features_file).to_pylist() if keep(r["layer"], r["feature"])]
+    # which features: from three columns (73,728 features' whole rows as Python objects took
+    # > 20 GB); the rows themselves only for the features explained
+    index = pq.read_table(features_file, columns=["layer", "feature", "fired"])
+    chosen_rows = [keep(layer, feature) for layer, feature in
+                   zip(index["layer"].to_pylist(), index["feature"].to_pylist(), strict=True)]
     if topk_only:
-        return {"features": len(rows), "fired": sum(bool(r["top_examples"]) for r in rows)}
+        return {"features": sum(chosen_rows),
+                "fired": sum(c and f > 0 for c, f in zip(chosen_rows, index["fired"].to_pylist(),
+                                                          strict=True))}
+    rows = pq.read_table(features_file).filter(pa.array(chosen_rows)).to_pylist()
     llm = cfg.llm
     assert llm is not None  # run_autointerp checked
     llm_cache = str(out / layout.LLM_CACHE)

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from clt_ray.cache.block import encode_block
 from clt_ray.cache.store import CacheFile, CacheWriter, Manifest, load_manifest
-from clt_ray.config import DataConfig, ModelConfig
+from clt_ray.config import WINDOWS_PER_FILE, DataConfig, ModelConfig
 from clt_ray.data import (
     SlicedDocuments,
     TokenWindows,
@@ -34,6 +34,7 @@ from clt_ray.lm.loading import model_dims
 from clt_ray.quant import channel_scales
 
 Scales = tuple[list[list[float]], list[list[float]]]
+
 
 
 def file_name(slice_index: int, k: int) -> str:
@@ -176,7 +177,8 @@ def slice_budget(tokens: int, n_slices: int) -> int:
 
 def write_cache(lm: Any, tokenizer: Any, data: DataConfig, model_cfg: ModelConfig, uri: str, *,
                 tokens: int, bits: int = 8, zstd_level: int | None = 1,
-                windows_per_file: int = 64, channel_scale: bool = True, progress: bool = True,
+                windows_per_file: int = WINDOWS_PER_FILE, channel_scale: bool = True,
+                progress: bool = True,
                 log: Callable[[str], None] = print) -> Manifest:
     """Cache about `tokens` trainable tokens (whole files; fewer if the corpus ends) at `uri` in
     this process, resuming whatever is already there."""

@@ -153,7 +153,11 @@ class ShuffledSource(ActivationSource):
         self._offset = 0
 
     def _fill(self) -> None:
+        """The next chunk: buffer_tokens (or what is left) shuffled. Peak memory is about one
+        buffer plus a block: the old chunk is dropped first, and each block is copied straight
+        to its shuffled rows and freed (cat-then-permute held three buffers at once)."""
         start = self.blocks.state()
+        self._x = self._y = None
         xs, ys, n = [], [], 0
         while n < self.buffer_tokens:
             try:
@@ -168,7 +172,17 @@ class ShuffledSource(ActivationSource):
             raise StopIteration
         gen = torch.Generator().manual_seed(mix_seed(self.seed, self._next_chunk))
         perm = torch.randperm(n, generator=gen).to(xs[0].device)
-        self._x, self._y = torch.cat(xs)[perm], torch.cat(ys)[perm]
+        dest = torch.argsort(perm)  # row k of the blocks' concatenation goes to row dest[k]
+        x = xs[0].new_empty((n, *xs[0].shape[1:]))
+        y = ys[0].new_empty((n, *ys[0].shape[1:]))
+        at = 0
+        while xs:
+            bx, by = xs.pop(0), ys.pop(0)
+            rows = dest[at: at + len(bx)]
+            x[rows], y[rows] = bx, by
+            at += len(bx)
+            del bx, by
+        self._x, self._y = x, y
         self._chunk = (self._next_chunk, start)
         self._next_chunk += 1
         self._offset = 0
@@ -222,4 +236,8 @@ def take_tokens(stream: Iterator[Batch], n_tokens: int) -> Batch:
 
 
 def split_batches(x: Tensor, y: Tensor, batch_size: int) -> list[Batch]:
-    return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+    """x, y cut into batches that own their memory: a slice would pickle (ray.put) with its whole
+    parent storage, so k batches of held-out data sent to the shards would weigh k × all of it
+    (5.3 GB for 4096 tokens at GPT-2 small's shape; bench/scale.py)."""
+    return [(x[i : i + batch_size].clone(), y[i : i + batch_size].clone())
+            for i in range(0, len(x), batch_size)]

@@ -139,17 +139,20 @@ def logit_effects(decoder_rows: DecoderRows, n_layers: int, unembed: Tensor, tex
 
 
 def feature_rows(state: TopKState, window_acts: Callable[[list[int]], Tensor], ids: Tensor,
-                 valid: Tensor, text: TokenText, effects: Iterator[Effects], s: TopKSettings
-                 ) -> list[dict]:
-    """Pass 2 for one range: the rows of its features. window_acts(windows) -> activations
-    [len(windows), T, L, n] of this range on those windows; effects: `logit_effects` of the
-    range."""
+                 valid: Tensor, text: TokenText, effects: Iterator[Effects], s: TopKSettings,
+                 keep: Callable[[int, int], bool] | None = None) -> list[dict]:
+    """Pass 2 for one range: the rows of its features (only those keep(layer, feature) allows:
+    a graph's dashboards want a few features of ranges that hold thousands). window_acts(windows)
+    -> activations [len(windows), T, L, n] of this range on those windows; effects:
+    `logit_effects` of the range."""
     L, n = state.top_peak.shape[:2]
+    kept_features = [(l, i) for l in range(L) for i in range(n)
+                     if keep is None or keep(l, state.start + i)]
     quantiles = {(l, i): quantile_examples(state, l, i, s.quantile_groups, s.per_group)
-                 for l in range(L) for i in range(n)}
-    needed = {int(w) for w in state.top_window.flatten() if w != EMPTY}
+                 for l, i in kept_features}
+    needed = {int(w) for l, i in kept_features for w in state.top_window[l, i] if w != EMPTY}
     needed |= {w for groups in quantiles.values() for g in groups for _, w, _ in g}
-    needed |= {int(w) for w in state.quiet_window.flatten() if w != EMPTY}
+    needed |= {int(w) for l, i in kept_features for w in state.quiet_window[l, i] if w != EMPTY}
     order = sorted(needed)
     acts = window_acts(order).numpy() if order else None
     kept = {w: valid[w].nonzero().flatten().numpy() for w in order}  # positions after BOS
@@ -166,6 +169,8 @@ def feature_rows(state: TopKState, window_acts: Callable[[list[int]], Tensor], i
     for layer in range(L):
         for i in range(n):
             norms, top_t, top_v, bot_t, bot_v = next(effects)
+            if (layer, i) not in quantiles:
+                continue
             top = [example(layer, i, float(p), int(w), int(q), 0) for p, w, q in zip(
                 state.top_peak[layer, i], state.top_window[layer, i], state.top_pos[layer, i])
                 if w != EMPTY]
@@ -186,9 +191,14 @@ def feature_rows(state: TopKState, window_acts: Callable[[list[int]], Tensor], i
     return rows
 
 
-def write_features(rows: list[dict], path: str | os.PathLike[str], meta: dict) -> Path:
-    """Parquet of feature rows (sorted by layer, feature), written under a temporary name."""
-    rows = sorted(rows, key=lambda r: (r["layer"], r["feature"]))
+def write_features(rows: list[dict] | pa.Table, path: str | os.PathLike[str], meta: dict
+                   ) -> Path:
+    """Parquet of feature rows (sorted by layer, feature), written under a temporary name; rows
+    as dicts or, for many features, a pyarrow Table (never turned into Python objects)."""
+    if isinstance(rows, pa.Table):
+        rows = rows.sort_by([("layer", "ascending"), ("feature", "ascending")])
+    else:
+        rows = sorted(rows, key=lambda r: (r["layer"], r["feature"]))
     schema = FEATURE_SCHEMA.with_metadata({
         "clt_ray": json.dumps({**meta, "histogram_edges": bin_edges().tolist()})})
     return atomic_write_parquet(rows, path, schema, row_group_size=FEATURE_ROW_GROUP)
@@ -206,10 +216,12 @@ ActsOf = Callable[[Tensor, int, int], Tensor]
 def collect_rows(acts_of: ActsOf, effects_of: Callable[[int, int], Iterator[Effects]],
                  ids: Tensor, valid: Tensor, ranges: Sequence[tuple[int, int]],
                  chunks: Sequence[tuple[int, int]], text: TokenText, s: TopKSettings,
-                 progress: bool = False) -> list[dict]:
+                 progress: bool = False, keep: Callable[[int, int], bool] | None = None
+                 ) -> list[dict]:
     """Both passes in this process over windows ids/valid [N, T], for any encoder: pass 1 per
-    chunk [first, stop) of windows and feature range, pass 2 per range. `clt-ray attribute`
-    calls it with circuit-tracer's encoder, `collect_features` with our CLT module."""
+    chunk [first, stop) of windows and feature range, pass 2 per range (rows only of the
+    features keep(layer, feature) allows). `clt-ray attribute` calls it with circuit-tracer's
+    encoder, `collect_features` with our CLT module."""
     from tqdm import tqdm
 
     parts: dict[int, list[TopKState]] = {a: [] for a, _ in ranges}
@@ -224,7 +236,7 @@ def collect_rows(acts_of: ActsOf, effects_of: Callable[[int, int], Iterator[Effe
             return acts_of(torch.tensor(windows), a, b)
 
         rows += feature_rows(merge_all(parts[a]), window_acts, ids, valid, text,
-                             effects_of(a, b), s)
+                             effects_of(a, b), s, keep)
     return rows
 
 

@@ -113,6 +113,7 @@ class StepResult:
     l0_per_layer: Tensor  # [L]: active features per token, mean over tokens
     fired: Tensor  # [L, F_local] bool: this shard's features active on some token (dead counters)
     lr: float | None = None
+    sparse_decoder: bool = False  # this shard's step decoded sparsely (`use_sparse_decoder`)
 
 
 def make_optimizer(model: CrossLayerTranscoder, cfg: OptimConfig) -> torch.optim.Adam:
@@ -218,6 +219,7 @@ def compute_grads(
         mse_per_layer=mse_per_layer(y_hat.detach(), yn),
         l0_per_layer=stats[3:].float(),
         fired=active.any(dim=0),
+        sparse_decoder=sparse is not None,
     )
 
 

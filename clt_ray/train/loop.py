@@ -344,7 +344,8 @@ class Trainer:
                 "grad_norm": res.grad_norm, "l0": _floats(res.l0_per_layer),
                 "l0_mean": float(res.l0_per_layer.mean()), "ev": _floats(ev),
                 "ev_mean": float(ev.mean()), "dead_fraction": dead["dead_fraction"],
-                "tokens_per_s": tokens / max(seconds, 1e-9)}
+                "tokens_per_s": tokens / max(seconds, 1e-9),
+                "decoder": "sparse" if res.sparse_decoder else "dense"}
 
     # --- checkpoints ---------------------------------------------------------------------------
 
