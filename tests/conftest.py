@@ -60,6 +60,26 @@ def start_s3_server(port: int, env: dict[str, str] | None = None) -> subprocess.
             time.sleep(0.2)
 
 
+def interrupt_cli(args: list[str], ready, timeout: float = 240) -> tuple[int, str, str]:
+    """Run `clt-ray ARGS` (one torch thread), send it Ctrl-C (SIGINT) once ready() holds, as a
+    user stops a run; (exit code, stdout, stderr)."""
+    import signal
+
+    exe = os.path.join(os.path.dirname(sys.executable), "clt-ray")
+    proc = subprocess.Popen([exe, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=timeout)
+    finally:
+        proc.kill()
+    return proc.returncode, stdout, stderr
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3-protocol server on 127.0.0.1 (moto's server mode) for the session; stopped at

@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import interrupt_cli
 from test_cache_produce import config as small_config
 
 from clt_ray.cache.produce import write_cache
@@ -252,19 +251,10 @@ def test_training_stopped_by_ctrl_c_checkpoints_and_exits_130(tmp_path: Path, ti
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(raw))
     run = tmp_path / "run"
-    proc = subprocess.Popen([str(EXE), "train", "--config", str(path), "--run-dir", str(run)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    try:
-        deadline = time.monotonic() + 240
-        while not (run / "metrics.jsonl").is_file() or not (run / "metrics.jsonl").read_text():
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=240)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130, stdout[-2000:] + stderr[-2000:]
+    metrics = run / "metrics.jsonl"
+    rc, stdout, stderr = interrupt_cli(["train", "--config", str(path), "--run-dir", str(run)],
+                                       lambda: metrics.is_file() and bool(metrics.read_text()))
+    assert rc == 130, stdout[-2000:] + stderr[-2000:]
     assert "--resume" in stderr and "Traceback" not in stderr
     assert json.loads((run / "summary.json").read_text())["interrupted"] is True
     assert list((run / "checkpoints").glob("step_*/manifest.json"))

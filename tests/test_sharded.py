@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import interrupt_cli
 from test_cache_produce import config
 
 from clt_ray.errors import ConfigError
@@ -226,9 +227,6 @@ def test_ctrl_c_stops_a_sharded_run_and_its_shards(ray_local, tiny_lm_dir, tmp_p
     (ray_local checks every CPU is free again). A KeyboardInterrupt raised inside ray.get was
     once lost and the run went on to its end."""
     import json
-    import os
-    import signal
-    import time
 
     raw = config(tiny_lm_dir).model_dump(mode="json")
     raw["train"].update(steps=100_000, log_every=1)
@@ -236,21 +234,10 @@ def test_ctrl_c_stops_a_sharded_run_and_its_shards(ray_local, tiny_lm_dir, tmp_p
     path.write_text(yaml.safe_dump(raw))
     run = tmp_path / "run"
     address = ray_local.get_runtime_context().gcs_address
-    exe = Path(sys.executable).parent / "clt-ray"
-    proc = subprocess.Popen([str(exe), "train", "--config", str(path), "--run-dir", str(run),
-                             "--shards", "2", "--address", address], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ,
-                                                                    "OMP_NUM_THREADS": "1"})
-    try:
-        deadline = time.monotonic() + 240
-        metrics = run / "metrics.jsonl"
-        while not (metrics.is_file() and any(json.loads(line)["kind"] == "train"
-                                             for line in metrics.read_text().splitlines())):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.5)
-        proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130, stdout[-2000:] + stderr[-2000:]
+    metrics = run / "metrics.jsonl"
+    rc, stdout, stderr = interrupt_cli(
+        ["train", "--config", str(path), "--run-dir", str(run), "--shards", "2", "--address",
+         address], lambda: metrics.is_file() and any(
+            json.loads(line)["kind"] == "train" for line in metrics.read_text().splitlines()))
+    assert rc == 130, stdout[-2000:] + stderr[-2000:]
     assert "--resume" in stdout + stderr and "Traceback" not in stderr, stderr[-2000:]
