@@ -203,7 +203,8 @@ def bench_ray(folder: Path, device: torch.device, steps: int, batch: int,
     out = {"steps": result.step, "seconds": seconds, "tokens_per_s_last": rates[-1] if rates
            else None, "decoders": sorted({r.get("decoder") for r in recs if r.get("kind")
                                           == "train"} - {None}),
-           "ev_mean": result.metrics.get("ev_mean") if result.metrics else None}
+           "ev_mean": (sum(ev) / len(ev) if (ev := (result.metrics or {}).get(
+               "explained_variance")) else None)}
     print(f"  {out['steps']} steps in {seconds:.1f} s (Ray start, LM load and checkpoint "
           f"included); last logged {out['tokens_per_s_last']} tokens/s", flush=True)
     return out
