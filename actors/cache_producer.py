@@ -38,7 +38,7 @@ from clt_ray.cache.store import (
     load_manifest,
     write_block_file,
 )
-from clt_ray.config import DataConfig, ModelConfig
+from clt_ray.config import WINDOWS_PER_FILE, DataConfig, ModelConfig
 from clt_ray.data import BlockStream, State
 from clt_ray.lm import load_model
 from clt_ray.lm.loading import model_dims
@@ -130,7 +130,7 @@ def stop(actors: list[Any]) -> None:
 
 def cache_on_ray(model_cfg: ModelConfig, data: DataConfig, uri: str, *, tokens: int,
                  producers: int = 1, bits: int = 8, zstd_level: int | None = 1,
-                 windows_per_file: int = 64, channel_scale: bool = True,
+                 windows_per_file: int = WINDOWS_PER_FILE, channel_scale: bool = True,
                  cpus: float | None = None, progress: bool = True,
                  log: Callable[[str], None] = print) -> Manifest:
     """`clt-ray cache` on Ray: `producers` actors write about `tokens` tokens (whole files) at

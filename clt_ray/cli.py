@@ -13,7 +13,7 @@ import click
 from pyarrow.fs import FileType
 
 from clt_ray import layout
-from clt_ray.config import TOY_ARCHS
+from clt_ray.config import TOY_ARCHS, WINDOWS_PER_FILE
 from clt_ray.errors import CltRayError
 from clt_ray.fsutil import LocationError, Staged, check_scheme, is_uri, local_path
 
@@ -363,7 +363,8 @@ def _print_result(cfg, result, run_dir: str) -> None:
 @click.option("--bits", type=click.Choice(["8", "4", "2"]), default="8", show_default=True)
 @click.option("--zstd", "zstd_level", type=click.IntRange(0, 22), default=1, show_default=True,
               help="zstd level of the files (0: uncompressed).")
-@click.option("--windows-per-file", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--windows-per-file", type=click.IntRange(min=1), default=WINDOWS_PER_FILE,
+              show_default=True)
 @click.option("--producers", type=click.IntRange(min=1), default=1, show_default=True,
               help="CacheProducer actors on Ray, each caching its own slice of the documents.")
 @click.option("--cpus-per-producer", type=click.FloatRange(min=0.01), default=None,
@@ -423,7 +424,7 @@ def cache(config_path: Path, out: str, tokens: int, bits: str, zstd_level: int,
               help="train.batch_size, tokens a step (default: 1024).")
 @click.option("--lm-dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
               help="model.dtype of the producers' LM (default: float32).")
-@click.option("--windows-per-file", type=int, default=64, show_default=True,
+@click.option("--windows-per-file", type=int, default=WINDOWS_PER_FILE, show_default=True,
               help="`clt-ray cache --windows-per-file`: the producer's windows a forward pass.")
 @click.option("--context-size", type=int, default=None,
               help="data.context_size, tokens a window (default: 128).")

@@ -60,6 +60,20 @@ def start_s3_server(port: int, env: dict[str, str] | None = None) -> subprocess.
             time.sleep(0.2)
 
 
+FARTHEST_CLT_NODE_JS = """() => {
+    const all = Array.from(document.querySelectorAll('text.node')).map(el => d3.select(el).datum())
+    let best = -1, bestGap = -1
+    all.forEach((d, i) => {
+      if (d.feature_type !== 'cross layer transcoder') return
+      const gap = Math.min(...all.filter(e => e !== d).map(e =>
+        Math.hypot(e.pos[0] - d.pos[0], e.pos[1] - d.pos[1])))
+      if (gap > bestGap) { best = i; bestGap = gap }
+    })
+    return best }"""
+"""The index among the graph frontend's `text.node`s of the CLT feature node farthest from any
+other node (-1 if none): hovering or clicking it reaches that node, not a neighbour."""
+
+
 def interrupt_cli(args: list[str], ready, timeout: float = 240) -> tuple[int, str, str]:
     """Run `clt-ray ARGS` (one torch thread), send it Ctrl-C (SIGINT) once ready() holds, as a
     user stops a run; (exit code, stdout, stderr)."""

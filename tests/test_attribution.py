@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import FARTHEST_CLT_NODE_JS
 
 from clt_ray.attribution import (
     AttributionError,
@@ -715,17 +716,7 @@ def test_graph_viewer_shows_a_feature_label_on_hover(graphs, tmp_path):
             page.goto(f"{server.url}index.html?slug={slug}")
             page.locator("text.node").first.wait_for(timeout=30_000)
             # the CLT feature node farthest from any other (hover shows the nearest node's label)
-            index = page.evaluate("""() => {
-                const all = Array.from(document.querySelectorAll('text.node'))
-                  .map(el => d3.select(el).datum())
-                let best = -1, bestGap = -1
-                all.forEach((d, i) => {
-                  if (d.feature_type !== 'cross layer transcoder') return
-                  const gap = Math.min(...all.filter(e => e !== d).map(e =>
-                    Math.hypot(e.pos[0] - d.pos[0], e.pos[1] - d.pos[1])))
-                  if (gap > bestGap) { best = i; bestGap = gap }
-                })
-                return best }""")
+            index = page.evaluate(FARTHEST_CLT_NODE_JS)
             assert index >= 0, "the graph shows no CLT feature node"
             node = page.evaluate(f"""() => d3.select(document.querySelectorAll('text.node')
                 [{index}]).datum().node_id""")

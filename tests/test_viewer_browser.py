@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import FARTHEST_CLT_NODE_JS
 
 from clt_ray.viewer import RunPaths, ViewerServer
 
@@ -136,16 +137,7 @@ def test_graph_page_loads_the_toy_graph_and_a_node_opens_its_feature(page, serve
     frame.locator("text.node").first.wait_for()
     inner = page.frame(url=re.compile(r"/ct/index\.html"))
     # the CLT feature node farthest from any other node (a click goes to the nearest node)
-    index = inner.evaluate("""() => {
-        const all = Array.from(document.querySelectorAll('text.node')).map(el => d3.select(el).datum())
-        let best = -1, bestGap = -1
-        all.forEach((d, i) => {
-          if (d.feature_type !== 'cross layer transcoder') return
-          const gap = Math.min(...all.filter(e => e !== d).map(e =>
-            Math.hypot(e.pos[0] - d.pos[0], e.pos[1] - d.pos[1])))
-          if (gap > bestGap) { best = i; bestGap = gap }
-        })
-        return best }""")
+    index = inner.evaluate(FARTHEST_CLT_NODE_JS)
     assert index >= 0, "the graph shows no CLT feature node"
     node = inner.evaluate(f"""() => {{ const d = d3.select(
         document.querySelectorAll('text.node')[{index}]).datum();
